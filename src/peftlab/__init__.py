@@ -1,0 +1,28 @@
+"""peftlab: parameter-efficient fine-tuning, every method behind one interface.
+
+The Python API that notebooks and the CLI use:
+
+    import peftlab
+    result = peftlab.train(method="lora", task="sst2", model="minilm", output="runs/lora")
+    peftlab.evaluate("runs/lora")
+    peftlab.predict("runs/lora", ["a gripping, funny film"])
+"""
+
+__version__ = "0.1.0"
+
+from peftlab.errors import PeftlabError  # noqa: E402
+
+
+def __getattr__(name):  # lazy: importing peftlab must not import torch
+    if name in {"train", "TrainConfig"}:
+        from peftlab import train as _train
+
+        return getattr(_train, name if name != "train" else "train")
+    if name in {"evaluate", "predict", "load_trained"}:
+        from peftlab import inference
+
+        return getattr(inference, name)
+    raise AttributeError(name)
+
+
+__all__ = ["PeftlabError", "train", "TrainConfig", "evaluate", "predict", "load_trained", "__version__"]

@@ -1,0 +1,71 @@
+"""LoRA: a trainable low-rank update B·A beside frozen linear layers (Hu et al. 2021).
+
+W' = W + (alpha / r) · B·A with A (r x in) and B (out x r); B starts at zero so training starts
+from the pretrained function. Implemented by peft.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peftlab.methods.base import BaseOptions, PeftMethod, head_modules, linear_shape, option, PEFT_TASK_TYPES
+
+
+@dataclass
+class LoRAOptions(BaseOptions):
+    learning_rate: float = option(5e-4, "Peak learning rate. LoRA tolerates higher rates than full fine-tuning.")
+    r: int = option(8, "Rank of the update B·A.")
+    alpha: int = option(16, "Scaling numerator: the update is multiplied by alpha / r.")
+    dropout: float = option(0.1, "Dropout on the LoRA branch input.")
+    target_modules: list = option(
+        [], "Module names to adapt (for example query,value). Empty: peft's default for the architecture "
+            "(attention query/value projections)."
+    )
+
+
+class LoRA(PeftMethod):
+    name = "lora"
+    category = "reparameterization"
+    mergeable = True
+    paper = "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models (arXiv:2106.09685)"
+    summary = "low-rank update B·A on chosen linear layers"
+    Options = LoRAOptions
+
+    def peft_config(self, model, kind):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            task_type=PEFT_TASK_TYPES[kind],
+            r=self.options.r,
+            lora_alpha=self.options.alpha,
+            lora_dropout=self.options.dropout,
+            target_modules=list(self.options.target_modules) or None,
+        )
+
+    def trainable_parameters_formula(self, model, kind):
+        """r·(in + out) per adapted layer, plus the task head (trained in full)."""
+        import peft
+
+        peft_model = model if isinstance(model, peft.PeftModel) else None
+        if peft_model is None:
+            raise ValueError("pass the model returned by apply()")
+        from peft.tuners.lora import LoraLayer
+
+        total = 0
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer):
+                fan_in, fan_out = linear_shape(module.get_base_layer())
+                total += self.options.r * (fan_in + fan_out)
+        return total + _head_parameters(peft_model, kind)
+
+    def inference_cost(self):
+        return "none once merged (unmerged: one extra low-rank matmul per adapted layer)"
+
+
+def _head_parameters(peft_model, kind) -> int:
+    """Parameters of the trained copy of the task head (peft's modules_to_save)."""
+    if kind not in ("seq-cls", "token-cls"):
+        return 0
+    base = peft_model.get_base_model()
+    return sum(p.numel() for module in head_modules(base).values() for p in module.parameters()
+               if p.requires_grad)
