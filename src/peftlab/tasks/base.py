@@ -55,6 +55,7 @@ class Task:
     description: str = ""
     label_names: list[str] | None = None  # fixed label set; None = taken from the training data
     is_regression: bool = False
+    higher_is_better: bool = True  # False for loss/perplexity
     options: dict[str, Any] = field(default_factory=dict)  # what the user passed (files, columns)
 
     def load(self, split: str, data_dir: str | os.PathLike | None = None):
@@ -80,6 +81,10 @@ class Task:
 
     def _load_hub(self, split: str):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def labels_from(self, train_dataset) -> list[str] | None:
+        """The label set to train with: fixed for known tasks; user-file tasks derive it from train."""
+        return self.label_names
 
     def compute_metrics(self, predictions, references) -> dict[str, float]:  # pragma: no cover
         """``predictions`` and ``references`` in the task's own terms (label ids, tag lists, ...)."""

@@ -1,0 +1,19 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny.py
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The offline datasets (../shared/data or $PEFTLAB_DATA_DIR). Tests that need real data use this."""
+    value = os.environ.get("PEFTLAB_DATA_DIR") or str(ROOT.parent / "shared" / "data")
+    path = Path(value)
+    if not (path / "glue" / "SST-2" / "train.tsv").is_file():
+        pytest.fail(f"Real data not found at {path}: set PEFTLAB_DATA_DIR to the shared data folder.")
+    return path
