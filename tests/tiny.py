@@ -42,7 +42,7 @@ def tiny_bert(kind: str = "seq-cls", num_labels: int = 2):
 @_seeded
 def tiny_gpt2(kind: str = "causal-lm", num_labels: int = 2):
     config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                     num_labels=num_labels, pad_token_id=0)
+                                     num_labels=num_labels, pad_token_id=0, bos_token_id=1, eos_token_id=1)
     if kind == "causal-lm":
         return transformers.GPT2LMHeadModel(config)
     if kind == "seq-cls":
