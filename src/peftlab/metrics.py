@@ -11,15 +11,28 @@ import math
 import numpy as np
 
 
-def classification(predictions, references, *, f1: bool = False, mcc: bool = False) -> dict[str, float]:
+def classification(
+    predictions, references, *, f1: bool = False, mcc: bool = False, average: str | None = None
+) -> dict[str, float]:
+    """Accuracy, plus F1 and Matthews correlation on request.
+
+    ``average`` picks the F1 flavour: ``"binary"`` (F1 of label 1, GLUE's MRPC/QQP definition) or
+    ``"macro"`` (unweighted mean over classes). None guesses from the references: binary when they
+    are all 0/1, else macro. Pass it explicitly for tasks with more than two labels: a dev set in
+    which only labels 0 and 1 occur would otherwise be scored as binary.
+    """
     from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
     predictions = np.asarray(predictions)
     references = np.asarray(references)
+    if predictions.shape != references.shape:
+        raise ValueError(f"{predictions.shape[0] if predictions.ndim else 0} predictions for "
+                         f"{references.shape[0] if references.ndim else 0} references")
     scores = {"accuracy": float(accuracy_score(references, predictions))}
     if f1:
-        labels = np.unique(references)
-        average = "binary" if len(labels) <= 2 and set(labels.tolist()) <= {0, 1} else "macro"
+        if average is None:
+            labels = np.unique(references)
+            average = "binary" if len(labels) <= 2 and set(labels.tolist()) <= {0, 1} else "macro"
         scores["f1"] = float(f1_score(references, predictions, average=average, zero_division=0))
     if mcc:
         scores["mcc"] = float(matthews_corrcoef(references, predictions))
@@ -53,4 +66,5 @@ def entities(predicted_tags: list[list[str]], reference_tags: list[list[str]]) -
 
 
 def language_modeling(mean_loss: float) -> dict[str, float]:
+    """Mean token cross-entropy (nats) and its exponential; perplexity is capped at e^50."""
     return {"loss": float(mean_loss), "perplexity": float(math.exp(min(mean_loss, 50.0)))}
