@@ -1,0 +1,102 @@
+"""BitFit: train only the bias terms (Ben Zaken et al. 2022), implemented in peftlab.
+
+Every parameter named ``bias`` trains (attention/FFN linear biases, layer-norm biases, the pooler's
+bias) plus, for classification, the newly initialised task head; all weights stay frozen. Nothing is
+injected, so the trained model *is* the base model with new biases: merging is trivially exact.
+
+Llama-family (and T5) models have no bias terms, so BitFit refuses them up front.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from peftlab.errors import PeftlabError
+from peftlab.methods.adapter import TensorFileMethod, model_label, train_head
+from peftlab.methods.base import BaseOptions, head_modules, model_family, option
+
+LLAMA_FAMILY = ("llama", "mistral", "mixtral", "gemma", "gemma2", "gemma3", "gemma3_text", "smollm3", "olmo",
+                "olmo2", "phi3", "granite", "cohere", "deepseek_v3", "ministral")
+T5_FAMILY = ("t5", "mt5", "umt5", "longt5")
+
+
+def is_bias(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] == "bias"
+
+
+def _head_parameter_ids(model: nn.Module) -> set[int]:
+    return {id(p) for module in head_modules(model).values() for p in module.parameters()}
+
+
+def backbone_biases(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The bias parameters outside the task head."""
+    head = _head_parameter_ids(model)
+    return [(name, p) for name, p in model.named_parameters() if is_bias(name) and id(p) not in head]
+
+
+@dataclass
+class BitFitOptions(BaseOptions):
+    learning_rate: float = option(
+        1e-3, "Peak learning rate. Bias-only training needs large rates: Ben Zaken et al. searched "
+              "1e-4, 4e-4, 7e-4 and 1e-3.")
+
+
+class BitFit(TensorFileMethod):
+    name = "bitfit"
+    category = "selective"
+    mergeable = True
+    paper = ("Ben Zaken, Ravfogel & Goldberg 2022, BitFit: Simple Parameter-efficient Fine-tuning for "
+             "Transformer-based Masked Language-models (ACL 2022, arXiv:2106.10199)")
+    summary = "only the bias terms (and the task head) train"
+    Options = BitFitOptions
+
+    def check_supported(self, model, kind):
+        super().check_supported(model, kind)
+        if backbone_biases(model):
+            return
+        family = model_family(model)
+        label = model_label(model)
+        if family in LLAMA_FAMILY:
+            raise PeftlabError(
+                f"Llama-family models have no bias terms in their linear layers, so BitFit has nothing to train on {label}."
+            )
+        if family in T5_FAMILY:
+            raise PeftlabError(
+                f"T5 models have no bias terms in their linear layers or layer norms, so BitFit has nothing to train on {label}."
+            )
+        raise PeftlabError(f"{label} ({family}) has no bias terms outside its task head, so BitFit has nothing to train.")
+
+    def apply(self, model, kind):
+        self.check_supported(model, kind)
+        model.requires_grad_(False)
+        for name, parameter in model.named_parameters():
+            if is_bias(name):
+                parameter.requires_grad_(True)
+        train_head(model, kind)
+        model._peftlab_kind = kind
+        return model
+
+    def merge(self, model):
+        """The model is already a plain transformers model whose biases are the trained ones."""
+        if "_peftlab_kind" in model.__dict__:
+            del model.__dict__["_peftlab_kind"]
+        return model
+
+    def trainable_parameters_formula(self, model, kind):
+        """All bias entries of the model (task head included) + the task head's weight entries."""
+        seen: set[int] = set()
+        biases = 0
+        for name, parameter in model.named_parameters():
+            if is_bias(name) and id(parameter) not in seen:
+                seen.add(id(parameter))
+                biases += parameter.numel()
+        head_weights = 0
+        if kind in ("seq-cls", "token-cls"):
+            head_weights = sum(p.numel() for module in head_modules(model).values()
+                               for name, p in module.named_parameters() if not is_bias(name))
+        return biases + head_weights
+
+    def inference_cost(self):
+        return "none (the trained biases replace the base ones)"
