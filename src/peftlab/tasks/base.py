@@ -62,7 +62,7 @@ class Task:
         """The split as a normalized ``datasets.Dataset`` (see the module docstring)."""
         if split not in SPLITS:
             raise PeftlabError(f"Unknown split '{split}' for task '{self.name}'. Use one of: {', '.join(SPLITS)}.")
-        directory = resolve_data_dir(data_dir)
+        directory = None if self.local_only else resolve_data_dir(data_dir)
         if directory is not None or self.local_only:
             dataset = self._load_local(split, directory)
         else:

@@ -1,0 +1,125 @@
+"""The on-disk layout of a trained run, and reading it back.
+
+A ``peftlab train --output DIR`` writes::
+
+    DIR/peftlab.json     what was trained: method + options, task + options, model, labels, lengths
+    DIR/adapter/         the trained weights in the method's own format (peft's for peft methods)
+    DIR/metrics.json     final dev metrics, parameter counts, speed and memory
+    DIR/log.jsonl        one JSON object per logging step and per evaluation
+    DIR/loss.png         training loss (and dev metric per epoch)
+    DIR/checkpoints/     step checkpoints while training (removed after a successful run)
+
+``--adapter`` also accepts a plain peft adapter folder made elsewhere (``adapter_config.json`` plus
+weights): its base model and task type come from ``adapter_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peftlab.errors import PeftlabError
+
+MANIFEST = "peftlab.json"
+PEFT_TASK_KINDS = {"SEQ_CLS": "seq-cls", "TOKEN_CLS": "token-cls", "CAUSAL_LM": "causal-lm", "SEQ_2_SEQ_LM": "seq2seq"}
+PEFT_METHODS = {"LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt-tuning", "PREFIX_TUNING": "prefix-tuning",
+                "P_TUNING": "p-tuning"}
+
+
+@dataclass
+class RunManifest:
+    method: str
+    model: str  # as the user named it (alias, folder or Hub id)
+    kind: str
+    task: str | None = None
+    method_options: dict[str, Any] = field(default_factory=dict)
+    task_options: dict[str, Any] = field(default_factory=dict)
+    label_names: list[str] | None = None
+    is_regression: bool = False
+    max_length: int = 128
+    precision: str = "fp32"
+    peftlab_version: str = ""
+    adapter_dir: str = "adapter"  # relative to the run folder
+
+    def save(self, run_dir: Path) -> None:
+        atomic_write_text(Path(run_dir) / MANIFEST, json.dumps(asdict(self), indent=2) + "\n")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temp file in the same folder, then rename: a kill never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def read_run(path: str | os.PathLike) -> tuple[RunManifest, Path]:
+    """(manifest, adapter folder) for a train output folder or a plain peft adapter folder."""
+    run_dir = Path(path).expanduser()
+    if not run_dir.is_dir():
+        raise PeftlabError(f"Adapter folder '{run_dir}' does not exist.")
+    manifest_path = run_dir / MANIFEST
+    if manifest_path.is_file():
+        try:
+            payload = json.loads(manifest_path.read_text())
+            manifest = RunManifest(**payload)
+        except (json.JSONDecodeError, TypeError) as error:
+            raise PeftlabError(f"'{manifest_path}' is not a valid peftlab run manifest ({error}).") from None
+        adapter = run_dir / manifest.adapter_dir
+        if not adapter.is_dir():
+            raise PeftlabError(f"'{run_dir}' has no '{manifest.adapter_dir}/' folder: the run did not finish. "
+                               "Resume it with `peftlab train ... --resume`.")
+        return manifest, adapter
+    peft_config = run_dir / "adapter_config.json"
+    if peft_config.is_file():
+        return _manifest_from_peft(peft_config), run_dir
+    if (run_dir / "adapter" / "adapter_config.json").is_file():
+        return _manifest_from_peft(run_dir / "adapter" / "adapter_config.json"), run_dir / "adapter"
+    raise PeftlabError(
+        f"'{run_dir}' is neither a peftlab run folder (no {MANIFEST}) nor a peft adapter folder "
+        "(no adapter_config.json). Pass the --output folder of `peftlab train` or a peft adapter folder."
+    )
+
+
+def _manifest_from_peft(config_path: Path) -> RunManifest:
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise PeftlabError(f"'{config_path}' is not valid JSON ({error.msg}, line {error.lineno}).") from None
+    peft_type = str(config.get("peft_type", "")).upper()
+    method = PEFT_METHODS.get(peft_type)
+    if method is None:
+        raise PeftlabError(f"'{config_path}': peft_type '{peft_type}' is not one peftlab can load "
+                           f"({', '.join(PEFT_METHODS)}).")
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise PeftlabError(f"'{config_path}' does not name its base model (base_model_name_or_path).")
+    kind = PEFT_TASK_KINDS.get(str(config.get("task_type") or "CAUSAL_LM").upper(), "causal-lm")
+    return RunManifest(method=method, model=base, kind=kind)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    atomic_write_text(Path(path), json.dumps(payload, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(value):
+    try:
+        import numpy as np
+
+        if isinstance(value, np.generic):
+            return value.item()
+    except ImportError:  # pragma: no cover
+        pass
+    return str(value)

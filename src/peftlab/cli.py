@@ -1,0 +1,358 @@
+"""The ``peftlab`` command: argument parsing only; every command calls the Python API.
+
+Flags of ``train`` and ``compare`` are generated from ``TrainConfig`` and from every method's
+``Options`` dataclass, so a new option appears on the command line without editing this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import warnings
+from typing import Any
+
+from peftlab import __version__
+from peftlab.errors import PeftlabError
+
+# Flags that read better than their field names.
+_FLAG_NAMES = {"lr": "--lr", "output": "--output"}
+_HELP = {
+    "method": "PEFT method (see `peftlab methods`)",
+    "task": "task name: sst2, mrpc, cola, rte, qnli, qqp, mnli, stsb, wnli, conll2003, imdb, alpaca, or csv/tsv/jsonl for your own files",
+    "model": "Hub id, local folder, or a bundled offline model: minilm, smollm2",
+    "output": "run folder (default runs/<method>-<task>)",
+    "epochs": "training epochs (fractions allowed)",
+    "lr": "peak learning rate (default: the method's own, see `peftlab methods`)",
+    "batch_size": "examples per device per step",
+    "eval_batch_size": "examples per evaluation batch",
+    "max_length": "truncate sequences to this many tokens",
+    "max_train_samples": "use a seeded random subset of this many training examples",
+    "max_eval_samples": "use a seeded random subset of this many dev examples",
+    "seed": "random seed (data order, initialisation, dropout)",
+    "precision": "auto (bf16 where the hardware runs it natively, else fp32), fp32, bf16 or fp16 (CUDA)",
+    "grad_accum": "gradient accumulation steps",
+    "gradient_checkpointing": "recompute activations in the backward pass to save memory",
+    "group_by_length": "batch examples of similar length together (less padding)",
+    "warmup_ratio": "fraction of steps with linear learning-rate warm-up",
+    "weight_decay": "AdamW weight decay",
+    "logging_steps": "log every N optimizer steps",
+    "save_steps": "write a checkpoint every N optimizer steps (for --resume)",
+    "eval_each_epoch": "score the dev set after every epoch",
+    "resume": "continue an interrupted run from its last checkpoint",
+    "keep_checkpoints": "keep the step checkpoints after a successful run",
+    "data_dir": "folder with the raw datasets (default: $PEFTLAB_DATA_DIR, else the Hugging Face Hub)",
+    "deepspeed": "DeepSpeed ZeRO: zero2, zero3 or a config.json",
+    "offload": "with --deepspeed: offload optimizer (and zero3 parameters) to 'cpu'",
+    "progress": "show the progress bar",
+}
+_TASK_FLAGS = {
+    "train_file": "your training file (.csv, .tsv or .jsonl) for --task csv/tsv/jsonl",
+    "dev_file": "your dev file, same format",
+    "text_column": "column holding the text",
+    "text_pair_column": "column holding the second text of a pair (optional)",
+    "label_column": "column holding the label (read as a string)",
+}
+
+
+def _add_train_flags(parser: argparse.ArgumentParser, *, skip: set[str] = frozenset()) -> None:
+    from peftlab.methods import get_method_class, method_names
+    from peftlab.training import TrainConfig
+
+    general = parser.add_argument_group("training")
+    general.add_argument("--config", help="recipe YAML whose keys are these flag names (flags given here win)")
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in ("method_options", "task_options") or field.name in skip:
+            continue
+        flag = _FLAG_NAMES.get(field.name, "--" + field.name.replace("_", "-"))
+        default = field.default
+        help_text = _HELP.get(field.name, "")
+        if isinstance(default, bool):
+            general.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
+                                 help=f"{help_text} (default: {default})")
+        else:
+            kind = {"epochs": float, "lr": float, "warmup_ratio": float, "weight_decay": float}.get(field.name)
+            if kind is None:
+                kind = int if isinstance(default, int) or field.name.startswith("max_") else str
+            general.add_argument(flag, dest=field.name, type=kind, default=None,
+                                 help=f"{help_text} (default: {default})")
+    data = parser.add_argument_group("your own data (--task csv|tsv|jsonl)")
+    for name, help_text in _TASK_FLAGS.items():
+        data.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text)
+
+    methods = parser.add_argument_group("method options (each applies to the methods that have it)")
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    seen: dict[str, list[str]] = {}
+    fields: dict[str, dataclasses.Field] = {}
+    for name in method_names():
+        try:
+            method_class = get_method_class(name)
+        except (ImportError, AttributeError):  # a method module that is not installed
+            continue
+        for field in method_class.option_fields():
+            if field.name == "learning_rate" or field.name in train_fields:
+                continue  # --lr, or a training flag of the same name
+            seen.setdefault(field.name, []).append(name)
+            fields.setdefault(field.name, field)
+    for option_name, owners in sorted(seen.items()):
+        field = fields[option_name]
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        help_text = field.metadata.get("help", "")
+        methods.add_argument("--" + option_name.replace("_", "-"), dest=option_name, default=None,
+                             metavar=type(default).__name__.upper(),
+                             help=f"{help_text} [{', '.join(owners)}]")
+
+
+def _collect(args: argparse.Namespace, parser_defaults: set[str]) -> dict[str, Any]:
+    """Recipe values first, then every flag the user actually gave."""
+    from peftlab.training import load_recipe
+
+    options: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        options.update(load_recipe(args.config))
+    for key, value in vars(args).items():
+        if key in parser_defaults or value is None:
+            continue
+        options[key] = value
+    return options
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    try:
+        import datasets
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+# ---- commands -------------------------------------------------------------------------------------
+
+def cmd_train(args, extra):
+    from peftlab.training import config_from_options, train
+
+    options = _collect(args, extra)
+    if getattr(args, "nproc", None) and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        from peftlab.distributed import relaunch
+
+        return relaunch(args.nproc, sys.argv[1:])
+    train(config_from_options(options))
+    return 0
+
+
+def cmd_eval(args, extra):
+    from peftlab.inference import evaluate
+
+    task_options = {k: getattr(args, k) for k in _TASK_FLAGS if getattr(args, k, None) is not None}
+    result = evaluate(args.adapter, task=args.task, data_dir=args.data_dir, max_eval_samples=args.max_eval_samples,
+                      batch_size=args.batch_size, precision=args.precision, task_options=task_options)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_predict(args, extra):
+    from peftlab.inference import load_trained, predict, read_inputs
+
+    if bool(args.text) == bool(args.input):
+        raise PeftlabError("Give either --text \"...\" (repeatable) or --input file.jsonl, not both or neither.")
+    inputs = args.text if args.text else read_inputs(args.input)
+    loaded = load_trained(args.adapter)
+    for result in predict(loaded, inputs, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens):
+        print(json.dumps(result, ensure_ascii=False))
+    return 0
+
+
+def cmd_env(args, extra):
+    from peftlab.env import environment_report
+
+    report = environment_report(data_dir=args.data_dir, check_models=not args.no_models)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        from peftlab.env import render
+
+        render(report)
+    return 0
+
+
+def cmd_methods(args, extra):
+    from peftlab.catalog import methods_table, render_methods
+
+    rows = methods_table(model=args.model, task=args.task)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        render_methods(rows, model=args.model, task=args.task)
+    return 0
+
+
+def cmd_compare(args, extra):
+    from peftlab.compare import compare
+
+    options = _collect(args, extra | {"methods", "repeats", "output", "resume", "isolate"})
+    compare(methods=args.methods, output=args.output, repeats=args.repeats, resume=bool(args.resume),
+            train_options=options, isolate=args.isolate)
+    return 0
+
+
+def cmd_merge(args, extra):
+    from peftlab.merge import merge
+
+    merge(args.adapter, args.output, samples=args.samples, tolerance=args.tolerance)
+    return 0
+
+
+def cmd_export(args, extra):
+    from peftlab.export import export
+
+    export(adapter=args.adapter, model=args.model, output=args.output, fmt=args.format, quantize=args.quantize,
+           data_dir=args.data_dir)
+    return 0
+
+
+def cmd_serve(args, extra):
+    from peftlab.serve import serve
+
+    adapters = {}
+    for spec in args.adapter or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise PeftlabError(f"--adapter '{spec}' must look like NAME=DIR (for example sst2=runs/lora-sst2).")
+        adapters[name] = path
+    serve(base=args.base, adapters=adapters, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_recommend(args, extra):
+    from peftlab.recommend import recommend, render
+
+    ranking = recommend(model=args.model, task_type=args.task_type, memory=args.memory, tasks=args.tasks,
+                        latency_critical=args.latency_critical, few_shot=args.few_shot,
+                        batch_size=args.batch_size, max_length=args.max_length)
+    if args.json:
+        print(json.dumps(ranking, indent=2))
+    else:
+        render(ranking)
+    return 0
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, set[str]]]:
+    parser = argparse.ArgumentParser(
+        prog="peftlab",
+        description="Parameter-efficient fine-tuning: train, compare, merge and serve every classic PEFT method.",
+    )
+    parser.add_argument("--version", action="version", version=f"peftlab {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    structural: dict[str, set[str]] = {}
+
+    sub = commands.add_parser("env", help="check the environment: Python, torch, devices, versions, data")
+    sub.add_argument("--data-dir", default=None, help="data folder to check (default $PEFTLAB_DATA_DIR)")
+    sub.add_argument("--no-models", action="store_true", help="skip checking the bundled models")
+    sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sub.set_defaults(handler=cmd_env)
+    structural["env"] = {"command", "handler", "data_dir", "no_models", "json"}
+
+    sub = commands.add_parser("train", help="train one method on one task")
+    _add_train_flags(sub)
+    sub.add_argument("--nproc", type=int, default=None, help="data-parallel processes on this machine (DDP)")
+    sub.set_defaults(handler=cmd_train)
+    structural["train"] = {"command", "handler", "config", "nproc"}
+
+    sub = commands.add_parser("eval", help="score a trained adapter on its task's dev set")
+    sub.add_argument("--adapter", required=True, help="a train --output folder or a peft adapter folder")
+    sub.add_argument("--task", default=None, help="task (default: the one it was trained on)")
+    sub.add_argument("--data-dir", default=None)
+    sub.add_argument("--max-eval-samples", type=int, default=None)
+    sub.add_argument("--batch-size", type=int, default=64)
+    sub.add_argument("--precision", default="auto")
+    for name, help_text in _TASK_FLAGS.items():
+        sub.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text)
+    sub.set_defaults(handler=cmd_eval)
+
+    sub = commands.add_parser("predict", help="predict with a trained adapter")
+    sub.add_argument("--adapter", required=True, help="a train --output folder or a peft adapter folder")
+    sub.add_argument("--text", action="append", help="an input text (repeatable)")
+    sub.add_argument("--input", help="a JSON Lines file: one {\"text\": ...} (or tokens / instruction) per line")
+    sub.add_argument("--batch-size", type=int, default=32)
+    sub.add_argument("--max-new-tokens", type=int, default=64, help="for generative models")
+    sub.set_defaults(handler=cmd_predict)
+
+    sub = commands.add_parser("methods", help="the methods, their categories and cost on a model")
+    sub.add_argument("--model", default=None, help="count trainable parameters on this model")
+    sub.add_argument("--task", default=None, help="task to size the head for (default sst2 / alpaca by model)")
+    sub.add_argument("--json", action="store_true")
+    sub.set_defaults(handler=cmd_methods)
+
+    sub = commands.add_parser("compare", help="train and measure every method side by side")
+    sub.add_argument("--methods", default="all", help="'all' or a comma list, e.g. lora,bitfit,full")
+    sub.add_argument("--repeats", type=int, default=1, help="seeds per method (mean and std reported)")
+    sub.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                     help="run each method in its own process (honest peak memory; default on)")
+    _add_train_flags(sub, skip={"keep_checkpoints"})
+    sub.set_defaults(handler=cmd_compare)
+    structural["compare"] = {"command", "handler", "config"}
+
+    sub = commands.add_parser("merge", help="fold a trained adapter into the base weights")
+    sub.add_argument("--adapter", required=True)
+    sub.add_argument("--output", required=True)
+    sub.add_argument("--samples", type=int, default=16, help="inputs used to verify merged == unmerged")
+    sub.add_argument("--tolerance", type=float, default=1e-4)
+    sub.set_defaults(handler=cmd_merge)
+
+    sub = commands.add_parser("export", help="export a merged model (or adapter) to ONNX")
+    source = sub.add_mutually_exclusive_group(required=True)
+    source.add_argument("--adapter", help="a train --output folder (merged first)")
+    source.add_argument("--model", help="a merged model folder (peftlab merge --output)")
+    sub.add_argument("--format", default="onnx", choices=["onnx"])
+    sub.add_argument("--output", required=True)
+    sub.add_argument("--quantize", choices=["int8"], default=None)
+    sub.add_argument("--data-dir", default=None)
+    sub.set_defaults(handler=cmd_export)
+
+    sub = commands.add_parser("serve", help="serve many adapters over one base model (HTTP)")
+    sub.add_argument("--base", required=True, help="base model (alias, folder or Hub id)")
+    sub.add_argument("--adapter", action="append", help="NAME=DIR, repeatable")
+    sub.add_argument("--host", default="127.0.0.1")
+    sub.add_argument("--port", type=int, default=8000)
+    sub.set_defaults(handler=cmd_serve)
+
+    sub = commands.add_parser("recommend", help="rank the methods for your situation")
+    sub.add_argument("--model", required=True)
+    sub.add_argument("--task-type", required=True, choices=["classification", "ner", "qa", "generation", "seq2seq"])
+    sub.add_argument("--memory", default="16GB", help="device memory, e.g. 16GB")
+    sub.add_argument("--tasks", type=int, default=1, help="how many tasks will share one base model")
+    sub.add_argument("--latency-critical", action="store_true")
+    sub.add_argument("--few-shot", action="store_true")
+    sub.add_argument("--batch-size", type=int, default=8)
+    sub.add_argument("--max-length", type=int, default=512)
+    sub.add_argument("--json", action="store_true")
+    sub.set_defaults(handler=cmd_recommend)
+    return parser, structural
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser, structural = build_parser()
+        args = parser.parse_args(argv)
+        _quiet_libraries()
+        return int(args.handler(args, structural.get(args.command, {"command", "handler"})) or 0)
+    except PeftlabError as error:
+        print(f"peftlab: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("peftlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

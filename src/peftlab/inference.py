@@ -1,0 +1,257 @@
+"""Using a trained adapter: reload it in a fresh process, score it, predict with it."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peftlab.artifacts import RunManifest, read_run
+from peftlab.errors import PeftlabError
+
+
+@dataclass
+class Loaded:
+    """A trained model ready for inference."""
+
+    model: Any
+    tokenizer: Any
+    manifest: RunManifest
+    method: Any
+    adapter_dir: Path
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.kind
+
+    @property
+    def label_names(self) -> list[str] | None:
+        return self.manifest.label_names
+
+
+def _labels_from_weights(adapter_dir: Path) -> list[str] | None:
+    """A plain peft classification adapter records no label names: size them from the saved head."""
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as handle:
+        for key in handle.keys():
+            if (key.endswith("weight") and any(h in key for h in ("classifier", "score"))
+                    and "lora" not in key):
+                return [str(i) for i in range(handle.get_slice(key).get_shape()[0])]
+    return None
+
+
+def load_trained(adapter: str | Path, *, device: str | None = None, base_model: str | None = None) -> Loaded:
+    """Base model + trained method from a ``peftlab train`` folder or a plain peft adapter folder."""
+    import torch
+
+    from peftlab.methods import get_method
+    from peftlab.models import load_model, load_tokenizer
+
+    manifest, adapter_dir = read_run(adapter)
+    if base_model:
+        manifest.model = base_model
+    if manifest.kind in ("seq-cls", "token-cls") and manifest.label_names is None and not manifest.is_regression:
+        manifest.label_names = _labels_from_weights(adapter_dir)
+    options = {k: v for k, v in manifest.method_options.items()}
+    method = get_method(manifest.method, **options)
+    tokenizer = load_tokenizer(manifest.model)
+    base = load_model(manifest.model, manifest.kind, label_names=manifest.label_names,
+                      is_regression=manifest.is_regression, **method.model_load_kwargs())
+    model = method.load(base, adapter_dir, manifest.kind)
+    target = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not getattr(model, "is_loaded_in_4bit", False) and not getattr(base, "is_loaded_in_4bit", False):
+        model.to(target)
+    model.eval()
+    return Loaded(model=model, tokenizer=tokenizer, manifest=manifest, method=method, adapter_dir=adapter_dir)
+
+
+def _task_for(manifest: RunManifest, task: str | None, task_options: dict | None):
+    from peftlab.tasks import get_task
+
+    name = task or manifest.task
+    if name is None:
+        raise PeftlabError("This adapter does not record its task (it was not trained by peftlab): pass --task.")
+    options = dict(manifest.task_options)
+    options.update(task_options or {})
+    return get_task(name, **options)
+
+
+def evaluate(adapter: str | Path, *, task: str | None = None, data_dir: str | None = None,
+             max_eval_samples: int | None = None, batch_size: int = 64, precision: str = "auto",
+             task_options: dict | None = None, loaded: Loaded | None = None) -> dict[str, Any]:
+    """Dev metrics of a trained adapter, reloaded from disk."""
+    from peftlab import hardware
+    from peftlab.evaluation import evaluate_model
+    from peftlab.preprocess import tokenize
+    from peftlab.training import select
+
+    loaded = loaded or load_trained(adapter)
+    task_object = _task_for(loaded.manifest, task, task_options)
+    if task_object.kind != loaded.kind:
+        raise PeftlabError(f"Task '{task_object.name}' is a {task_object.kind} task but the adapter was trained "
+                           f"for {loaded.kind}.")
+    resolved = hardware.resolve_precision(precision)
+    dev_raw = select(task_object.load("dev", data_dir), max_eval_samples, 42)
+    label_names = loaded.label_names
+    dev = tokenize(dev_raw, task_object.kind, loaded.tokenizer, max_length=loaded.manifest.max_length,
+                   label_names=label_names, is_regression=task_object.is_regression)
+    started = time.perf_counter()
+    scores = evaluate_model(loaded.model, task_object, loaded.tokenizer, dev, dev_raw, label_names=label_names,
+                            batch_size=batch_size, precision=resolved)
+    return {
+        "task": task_object.name,
+        "method": loaded.manifest.method,
+        "model": loaded.manifest.model,
+        "metric_name": task_object.metric_name,
+        "metric": scores[task_object.metric_name],
+        "metrics": scores,
+        "eval_examples": len(dev),
+        "eval_seconds": time.perf_counter() - started,
+    }
+
+
+def _normalize_input(record: Any, kind: str, where: str) -> dict[str, Any]:
+    if isinstance(record, str):
+        record = {"text": record}
+    if not isinstance(record, dict):
+        raise PeftlabError(f"{where}: expected a JSON object or a string.")
+    if kind == "token-cls":
+        if "tokens" in record:
+            if not isinstance(record["tokens"], list):
+                raise PeftlabError(f"{where}: 'tokens' must be a list of words.")
+            return {"tokens": [str(t) for t in record["tokens"]]}
+        if "text" in record:
+            return {"tokens": str(record["text"]).split()}
+        raise PeftlabError(f"{where}: needs 'text' or 'tokens'.")
+    if kind == "causal-lm":
+        for key in ("prompt", "instruction", "text"):
+            if key in record:
+                return {"prompt": str(record[key]), "input": str(record.get("input", "")), "raw_key": key}
+        raise PeftlabError(f"{where}: needs 'text', 'instruction' or 'prompt'.")
+    if kind == "seq2seq":
+        for key in ("source", "text"):
+            if key in record:
+                return {"source": str(record[key])}
+        raise PeftlabError(f"{where}: needs 'text' or 'source'.")
+    if "text" not in record:
+        raise PeftlabError(f"{where}: needs a 'text' field (and 'text_pair' for pair tasks).")
+    return {"text": str(record["text"]), "text_pair": record.get("text_pair")}
+
+
+def predict(adapter: str | Path | Loaded, inputs: list[Any], *, batch_size: int = 32, max_new_tokens: int = 64,
+            precision: str = "fp32") -> list[dict[str, Any]]:
+    """Predictions for raw inputs: strings, or dicts with text/text_pair, tokens, instruction/prompt."""
+    import torch
+
+    from peftlab.hardware import autocast, resolve_precision
+    from peftlab.evaluation import model_device
+
+    loaded = adapter if isinstance(adapter, Loaded) else load_trained(adapter)
+    if not inputs:
+        return []
+    kind = loaded.kind
+    records = [_normalize_input(item, kind, f"input {i + 1}") for i, item in enumerate(inputs)]
+    tokenizer, model = loaded.tokenizer, loaded.model
+    device = model_device(model)
+    resolved = resolve_precision(precision)
+    results: list[dict[str, Any]] = []
+    max_length = loaded.manifest.max_length
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        with torch.no_grad(), autocast(resolved):
+            if kind == "seq-cls":
+                pairs = [r["text_pair"] for r in chunk]
+                encoded = tokenizer([r["text"] for r in chunk],
+                                    [p or "" for p in pairs] if any(p is not None for p in pairs) else None,
+                                    truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+                logits = model(**encoded.to(device)).logits.float().cpu()
+                for record, row in zip(chunk, logits):
+                    if loaded.manifest.is_regression:
+                        results.append({"text": record["text"], "score": float(row.reshape(-1)[0])})
+                        continue
+                    probabilities = row.softmax(-1)
+                    best = int(probabilities.argmax())
+                    names = loaded.label_names or [str(i) for i in range(len(probabilities))]
+                    results.append({
+                        "text": record["text"], **({"text_pair": record["text_pair"]} if record["text_pair"] else {}),
+                        "label": names[best], "score": float(probabilities[best]),
+                        "probabilities": {names[i]: float(p) for i, p in enumerate(probabilities)},
+                    })
+            elif kind == "token-cls":
+                encoded = tokenizer([r["tokens"] for r in chunk], is_split_into_words=True, truncation=True,
+                                    max_length=max_length, padding=True, return_tensors="pt")
+                logits = model(**{k: v.to(device) for k, v in encoded.items()}).logits.float().cpu()
+                for row, record in enumerate(chunk):
+                    tags, previous = [], None
+                    for position, word in enumerate(encoded.word_ids(row)):
+                        if word is not None and word != previous:
+                            tags.append(loaded.label_names[int(logits[row, position].argmax())])
+                        previous = word
+                    tags += ["O"] * (len(record["tokens"]) - len(tags))  # words cut by max_length
+                    results.append({"tokens": record["tokens"], "tags": tags,
+                                    "entities": _entities(record["tokens"], tags)})
+            else:
+                results.extend(_generate(loaded, chunk, max_new_tokens, device))
+    return results
+
+
+def _entities(tokens: list[str], tags: list[str]) -> list[dict[str, Any]]:
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    return [{"type": label, "text": " ".join(tokens[start:end + 1]), "start": start, "end": end + 1}
+            for label, start, end in get_entities(tags)]
+
+
+def _generate(loaded: Loaded, chunk: list[dict], max_new_tokens: int, device) -> list[dict]:
+    tokenizer, model = loaded.tokenizer, loaded.model
+    if loaded.kind == "seq2seq":
+        texts = [r["source"] for r in chunk]
+        encoded = tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(device)
+        output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False)
+        return [{"source": t, "generated": tokenizer.decode(o, skip_special_tokens=True)} for t, o in zip(texts, output)]
+    prompts = [format_prompt(loaded, r) for r in chunk]
+    tokenizer.padding_side = "left"  # generation continues from the right end of every row
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id)
+    new_tokens = output[:, encoded["input_ids"].shape[1]:]
+    return [{"prompt": r["prompt"], "generated": tokenizer.decode(o, skip_special_tokens=True).strip()}
+            for r, o in zip(chunk, new_tokens)]
+
+
+def format_prompt(loaded: Loaded, record: dict) -> str:
+    """The task's own prompt template (alpaca's '### Instruction' form) when it has one."""
+    if record.get("raw_key") == "prompt" or loaded.manifest.task is None:
+        return record["prompt"]
+    try:
+        from peftlab.tasks import get_task
+
+        task = get_task(loaded.manifest.task, **loaded.manifest.task_options)
+    except PeftlabError:
+        return record["prompt"]
+    formatter = getattr(task, "format_prompt", None)
+    return formatter(record["prompt"], record.get("input", "")) if formatter else record["prompt"]
+
+
+def read_inputs(path: str | Path) -> list[Any]:
+    """One JSON value per line (objects or strings), for ``peftlab predict --input``."""
+    path = Path(path)
+    if not path.is_file():
+        raise PeftlabError(f"Input file '{path}' does not exist.")
+    items = []
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            items.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise PeftlabError(f"{path}, line {number}: invalid JSON ({error.msg}).") from None
+    if not items:
+        raise PeftlabError(f"Input file '{path}' has no lines to predict.")
+    return items
