@@ -1,0 +1,33 @@
+"""P-Tuning v2: deep prompt tuning, a trainable key/value prefix in every layer (Liu et al. 2022).
+
+Prefix tuning without the reparameterisation MLP: the per-layer prefixes (n x 2·layers·hidden) are
+the trained weights themselves. Aimed at natural-language understanding, sequence labelling included:
+unlike input prompts it leaves the sequence length unchanged, so token classification works.
+Implemented by peft (``PrefixTuningConfig(prefix_projection=False)``), with the transformers-5 shim for
+classification models in ``compat.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peftlab.methods.base import BaseOptions, option
+from peftlab.methods.prefix_tuning import PrefixTuning
+
+
+@dataclass
+class PTuningV2Options(BaseOptions):
+    learning_rate: float = option(
+        5e-3, "Peak learning rate (the paper's runs use 5e-3 to 1e-2 for prefixes on BERT/RoBERTa).")
+    num_virtual_tokens: int = option(
+        20, "Prefix length per layer. The paper: simple classification prefers short prefixes (about 20), "
+            "hard sequence labelling longer ones (about 100).")
+
+
+class PTuningV2(PrefixTuning):
+    name = "p-tuning-v2"
+    paper = ("Liu et al. 2022, P-Tuning v2: Prompt Tuning Can Be Comparable to Fine-tuning Universally Across "
+             "Scales and Tasks (ACL 2022, arXiv:2110.07602)")
+    summary = "trainable key/value prefix in every layer, no reparameterisation (deep prompt tuning)"
+    Options = PTuningV2Options
+    prefix_projection = False
