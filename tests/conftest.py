@@ -3,6 +3,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tiny-model tests run in this process: on a loaded 2-core machine, torch's thread pool makes a 32x32
+# matmul thousands of times slower than one thread. Real-model runs are subprocesses and keep all cores.
+torch.set_num_threads(1)
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny.py
 

@@ -109,7 +109,8 @@ class Method:
     def check_supported(self, model: nn.Module, kind: str) -> None:
         if kind not in self.kinds:
             raise PeftlabError(
-                f"Method '{self.name}' does not support {kind} tasks (it supports: {', '.join(self.kinds)})."
+                f"Method '{self.name}' cannot run {kind} on {type(model).__name__} ({model_family(model)}): "
+                f"it supports only {', '.join(self.kinds)} tasks."
             )
 
     def model_load_kwargs(self) -> dict[str, Any]:
