@@ -15,9 +15,9 @@ from peftlab.errors import PeftlabError  # noqa: E402
 
 def __getattr__(name):  # lazy: importing peftlab must not import torch
     if name in {"train", "TrainConfig"}:
-        from peftlab import train as _train
+        from peftlab import training
 
-        return getattr(_train, name if name != "train" else "train")
+        return getattr(training, name)
     if name in {"evaluate", "predict", "load_trained"}:
         from peftlab import inference
 

@@ -130,7 +130,11 @@ def train(config: TrainConfig | None = None, **overrides) -> dict[str, Any]:
     from peftlab.methods.base import count_parameters
     from peftlab.preprocess import collator
 
-    config = dataclasses.replace(config or TrainConfig(), **overrides)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    if config is None and any(key not in known for key in overrides):
+        config = config_from_options(overrides)  # method/task options given flat, as on the CLI
+    else:
+        config = dataclasses.replace(config or TrainConfig(), **overrides)
     output = config.output_dir()
     checkpoints = output / "checkpoints"
     if output.exists() and (output / "metrics.json").exists() and not config.resume:
