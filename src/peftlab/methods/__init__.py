@@ -45,8 +45,11 @@ def parse_methods(spec: str | list[str]) -> list[str]:
     names = spec if isinstance(spec, list) else [s.strip() for s in spec.split(",") if s.strip()]
     if names == ["all"]:
         return method_names()
+    if not names:
+        raise PeftlabError(f"No methods given. Use 'all' or a comma list of: {', '.join(method_names())}.")
     for name in names:
-        get_method_class(name) if name not in _REGISTRY else None
+        if name not in _REGISTRY:
+            raise PeftlabError(f"Unknown method '{name}'. {did_you_mean(name, method_names())}")
     return names
 
 
