@@ -17,8 +17,10 @@ from peftlab.methods.base import BaseOptions, Method, option, write_json
 
 @dataclass
 class FullOptions(BaseOptions):
+    # The top of BERT's grid: with peftlab's short default budgets 2e-5 under-trains (minilm + SST-2,
+    # 2,000 examples x 3 epochs: 0.782 dev accuracy against LoRA's 0.814).
     learning_rate: float = option(
-        2e-5, "Peak learning rate. Devlin et al. (BERT) fine-tuned with 2e-5..5e-5; all weights move, so keep it small.")
+        5e-5, "Peak learning rate. Devlin et al. (BERT) fine-tuned with 2e-5..5e-5; all weights move, so keep it small.")
 
 
 class FullFineTuning(Method):
