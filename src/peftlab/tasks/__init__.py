@@ -17,6 +17,9 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "conll2003": ("peftlab.tasks.conll2003", "Conll2003Task"),
     "imdb": ("peftlab.tasks.imdb", "ImdbTask"),
     "alpaca": ("peftlab.tasks.alpaca", "AlpacaTask"),
+    "billsum": ("peftlab.tasks.billsum", "BillsumTask"),
+    "guanaco": ("peftlab.tasks.guanaco", "GuanacoTask"),
+    "imdb-gen": ("peftlab.tasks.imdb_gen", "ImdbGenTask"),
     # the user's own files: --task csv|tsv|jsonl --train-file ... --text-column ... --label-column ...
     "csv": ("peftlab.tasks.files", "FileTask"),
     "tsv": ("peftlab.tasks.files", "FileTask"),
