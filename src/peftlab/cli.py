@@ -140,10 +140,11 @@ def cmd_train(args, extra):
     from peftlab.training import config_from_options, train
 
     options = _collect(args, extra)
-    if getattr(args, "nproc", None) and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None and nproc != 1 and "LOCAL_RANK" not in os.environ:
         from peftlab.distributed import relaunch
 
-        return relaunch(args.nproc, sys.argv[1:])
+        return relaunch(nproc, args.argv)  # the ranks re-run this same command under torchrun
     train(config_from_options(options))
     return 0
 
@@ -341,11 +342,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, set[str]]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(arg.startswith(("--local_rank", "--local-rank")) for arg in argv):
+        from peftlab.distributed import strip_launcher_args
+
+        argv = strip_launcher_args(argv)  # the `deepspeed` launcher passes --local_rank=N first
     try:
         parser, structural = build_parser()
         args = parser.parse_args(argv)
+        args.argv = argv
         _quiet_libraries()
-        return int(args.handler(args, structural.get(args.command, {"command", "handler"})) or 0)
+        return int(args.handler(args, structural.get(args.command, {"command", "handler"}) | {"argv"}) or 0)
     except PeftlabError as error:
         print(f"peftlab: error: {error}", file=sys.stderr)
         return 2

@@ -125,11 +125,13 @@ def train(config: TrainConfig | None = None, **overrides) -> dict[str, Any]:
     from transformers import TrainingArguments
 
     from peftlab import hardware
-    from peftlab.callbacks import EpochEvaluation, JsonlLogger, ProgressBar
+    from peftlab import distributed
+    from peftlab.callbacks import JsonlLogger, ProgressBar
     from peftlab.evaluation import evaluate_model
     from peftlab.methods.base import count_parameters
     from peftlab.preprocess import collator
 
+    distributed.init_worker()  # a rank started by torchrun/deepspeed dies with its launcher
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     if config is None and any(key not in known for key in overrides):
         config = config_from_options(overrides)  # method/task options given flat, as on the CLI
@@ -188,10 +190,12 @@ def train(config: TrainConfig | None = None, **overrides) -> dict[str, Any]:
     )
     if on_cpu and os.environ.get("WORLD_SIZE", "1") != "1":
         args_options["ddp_backend"] = "gloo"
+    distributed.check_options(config.deepspeed, config.offload)
+    zero_stage = 0
     if config.deepspeed:
-        from peftlab.distributed import deepspeed_config
-
-        args_options["deepspeed"] = deepspeed_config(config.deepspeed, config.offload)
+        args_options["deepspeed"] = distributed.deepspeed_config(config.deepspeed, config.offload)
+        zero_stage = distributed.zero_stage(args_options["deepspeed"])
+        distributed.ensure_process_group_env()  # DeepSpeed without a launcher: a one-process group
     args = TrainingArguments(**args_options)
 
     world_size = max(1, args.world_size)
@@ -199,8 +203,8 @@ def train(config: TrainConfig | None = None, **overrides) -> dict[str, Any]:
     steps_per_epoch = math.ceil(len(prepared.train_data) / effective_batch)
     total_steps = max(1, math.ceil(steps_per_epoch * config.epochs))
 
-    evaluation = EpochEvaluation(
-        task=task, tokenizer=prepared.tokenizer, dev_data=prepared.dev_data, dev_raw=prepared.dev_raw,
+    evaluation = distributed.epoch_evaluation(
+        zero_stage, task=task, tokenizer=prepared.tokenizer, dev_data=prepared.dev_data, dev_raw=prepared.dev_raw,
         label_names=prepared.label_names, batch_size=config.eval_batch_size, precision=precision,
         log_path=log_path, enabled=config.eval_each_epoch,
     )
@@ -220,6 +224,13 @@ def train(config: TrainConfig | None = None, **overrides) -> dict[str, Any]:
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # ProgressBar and JsonlLogger report instead
+    if task.kind in ("seq-cls", "token-cls"):
+        # Classification heads (BERT's among them) average their own loss and ignore the
+        # num_items_in_batch the Trainer passes to any forward with **kwargs; the Trainer then takes
+        # that mean for a sum: it multiplies it by world_size (DDP) and skips the division by
+        # grad_accum, so losses and gradients come out N times too large. A mean per rank,
+        # averaged over ranks by DDP, is the single-process loss exactly.
+        trainer.model_accepts_loss_kwargs = False
     resume_from = _last_checkpoint(checkpoints) if config.resume else None
     if _is_main_process():
         print(_banner(config, method, task, trainable, total, len(prepared.train_data), len(prepared.dev_data),
@@ -229,15 +240,21 @@ def train(config: TrainConfig | None = None, **overrides) -> dict[str, Any]:
     trainer.train(resume_from_checkpoint=resume_from)
     wall = time.perf_counter() - started
     train_seconds = max(wall - evaluation.seconds, 1e-9)
+
+    # Every rank takes part in saving (ZeRO keeps weights partitioned: they are gathered first) and,
+    # under ZeRO-3, in the final evaluation (each forward gathers weights); rank 0 writes.
+    adapter_dir = distributed.save_trained(trainer, method, output / "adapter")
+    final = evaluation.last_metrics
+    if final is None or evaluation.last_epoch_step != trainer.state.global_step:
+        if _is_main_process() or evaluation.every_rank:
+            started_eval = time.perf_counter()
+            final = evaluate_model(model, task, prepared.tokenizer, prepared.dev_data, prepared.dev_raw,
+                                   label_names=prepared.label_names, batch_size=config.eval_batch_size,
+                                   precision=precision)
+            evaluation.seconds += time.perf_counter() - started_eval
     if not _is_main_process():
         return {}
 
-    adapter_dir = output / "adapter"
-    staging = output / ".adapter.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    method.save(trainer.model if not hasattr(trainer.model, "module") else trainer.model.module, staging)
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    os.replace(staging, adapter_dir)
     manifest = RunManifest(
         method=method.name, model=config.model, kind=task.kind, task=task.name,
         method_options=method.options_dict(), task_options=_task_options_for_manifest(config, prepared),
@@ -245,14 +262,6 @@ def train(config: TrainConfig | None = None, **overrides) -> dict[str, Any]:
         precision=precision, peftlab_version=__version__,
     )
     manifest.save(output)
-
-    final = evaluation.last_metrics
-    if final is None or evaluation.last_epoch_step != trainer.state.global_step:
-        started_eval = time.perf_counter()
-        final = evaluate_model(model, task, prepared.tokenizer, prepared.dev_data, prepared.dev_raw,
-                               label_names=prepared.label_names, batch_size=config.eval_batch_size,
-                               precision=precision)
-        evaluation.seconds += time.perf_counter() - started_eval
 
     # Throughput counts the examples and real tokens this process trained on (resumed runs: only
     # the steps after the resume point are timed, so scale by the steps actually run here).
