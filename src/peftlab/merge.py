@@ -1,0 +1,315 @@
+"""``peftlab merge``: fold a trained adapter into the base weights and save a standalone model.
+
+The output folder is an ordinary transformers checkpoint (``config.json`` with the label names,
+``model.safetensors``, the tokenizer files) that ``AutoModelFor<Kind>.from_pretrained(OUT)`` loads with
+neither peft nor peftlab installed, plus ``peftlab_merge.json`` (where it came from and how well the
+merge was verified).
+
+Which methods merge (``Method.mergeable``):
+
+* ``lora``: W + (alpha/r)·B·A (peft ``merge_and_unload``); ``ia3``: W·diag(l) (peft);
+* ``bitfit`` and ``full``: the trained model already *is* a plain model;
+* ``qlora``: folding B·A into 4-bit weights would re-quantise the sum and lose most of the update, so
+  the merge goes into a float32 copy of the base (see ``peftlab.methods.qlora``); a note says so.
+
+``adapter`` (bottleneck MLPs with a non-linearity) and the prompt-learning methods (virtual tokens and
+per-layer prefixes are extra inputs, not weight changes) cannot merge: the command says why in one
+sentence and points to ``peftlab serve`` / ``peftlab export``.
+
+Verification: the unmerged model and the merged model *reloaded from the saved folder* run on the same
+inputs (a sample of the task's dev set, or fixed synthetic text when the data is not available); the
+largest absolute difference of their logits (over real, non-padding positions) must be within
+``tolerance``, else nothing is written and the command fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from peftlab.artifacts import RunManifest, read_run, write_json
+from peftlab.errors import PeftlabError
+
+REPORT_NAME = "peftlab_merge.json"
+
+# Fixed inputs for when the task's dev set cannot be read (no data folder, no Hub).
+SYNTHETIC_TEXTS = [
+    "a gripping, funny and beautifully acted film",
+    "the plot is thin and the jokes fall flat",
+    "I would watch it again tomorrow.",
+    "Nothing in this movie works, not even the music.",
+    "The committee approved the new budget on Tuesday in Geneva.",
+    "She said the results were better than expected.",
+    "an uneven but ultimately rewarding experience",
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Stocks fell sharply after the announcement by Apple in New York.",
+    "it is neither the best nor the worst of the series",
+    "Explain why the sky is blue in one sentence.",
+    "terrible",
+    "Paris",
+    "a masterpiece of quiet, patient storytelling that rewards attention from the first scene to the last",
+]
+
+
+def not_mergeable_message(method, adapter: str | os.PathLike) -> str:
+    """One sentence: why this method cannot merge, and what to do instead."""
+    why = method.why_not_mergeable().strip().rstrip(".")
+    return (f"Method '{method.name}' cannot be merged into the base weights: {why}; serve it unmerged instead "
+            f"(peftlab serve --base BASE --adapter NAME={adapter}) or export it as it is "
+            f"(peftlab export --adapter {adapter} --format onnx --output DIR).")
+
+
+# ---- sample inputs --------------------------------------------------------------------------------
+
+def sample_records(manifest: RunManifest, count: int, data_dir: str | None = None) -> tuple[list[dict], str]:
+    """Up to ``count`` inputs in the normalised record form of ``manifest.kind`` and where they came from.
+
+    The first ``count`` examples of the task's dev set when it can be read; else fixed synthetic text.
+    """
+    count = max(1, int(count))
+    if manifest.task:
+        try:
+            from peftlab.tasks import get_task
+
+            task = get_task(manifest.task, **(manifest.task_options or {}))
+            if task.kind == manifest.kind:
+                dev = task.load("dev", data_dir)
+                rows = [dev[i] for i in range(min(count, len(dev)))]
+                records = [_record_from_example(row, manifest.kind) for row in rows]
+                if records:
+                    return records, f"{task.name} dev set (first {len(records)} examples)"
+        except Exception:  # noqa: BLE001 - no data here (offline, no folder): fall back to synthetic text
+            pass
+    texts = [SYNTHETIC_TEXTS[i % len(SYNTHETIC_TEXTS)] for i in range(count)]
+    kind = manifest.kind
+    if kind == "token-cls":
+        records = [{"tokens": t.split()} for t in texts]
+    elif kind == "causal-lm":
+        records = [{"prompt": t} for t in texts]
+    elif kind == "seq2seq":
+        records = [{"source": t} for t in texts]
+    else:
+        records = [{"text": t, "text_pair": None} for t in texts]
+    return records, f"{len(records)} synthetic texts (the task's dev set was not available)"
+
+
+def _record_from_example(row: dict, kind: str) -> dict:
+    if kind == "token-cls":
+        return {"tokens": list(row["tokens"])}
+    if kind == "causal-lm":
+        return {"prompt": row["prompt"]}
+    if kind == "seq2seq":
+        return {"source": row["source"]}
+    return {"text": row["text"], "text_pair": row.get("text_pair")}
+
+
+def encode_records(tokenizer, kind: str, records: list[dict], max_length: int) -> dict:
+    """Model inputs (padded ``pt`` tensors) for records, tokenised the way ``peftlab predict`` does."""
+    if kind == "token-cls":
+        return dict(tokenizer([r["tokens"] for r in records], is_split_into_words=True, truncation=True,
+                              max_length=max_length, padding=True, return_tensors="pt"))
+    if kind == "causal-lm":
+        return dict(tokenizer([r["prompt"] for r in records], truncation=True, max_length=max_length,
+                              padding=True, return_tensors="pt"))
+    if kind == "seq2seq":
+        encoded = dict(tokenizer([r["source"] for r in records], truncation=True, max_length=max_length,
+                                 padding=True, return_tensors="pt"))
+        return encoded
+    pairs = [r.get("text_pair") for r in records]
+    has_pairs = any(p is not None for p in pairs)
+    return dict(tokenizer([r["text"] for r in records], [p or "" for p in pairs] if has_pairs else None,
+                          truncation=True, max_length=max_length, padding=True, return_tensors="pt"))
+
+
+def model_logits(model, encoded: dict, kind: str):
+    """float32 logits on CPU for encoded inputs (seq2seq: teacher-forced on a short decoder prefix)."""
+    import torch
+
+    from peftlab.evaluation import model_device
+
+    device = model_device(model)
+    inputs = {k: v.to(device) for k, v in encoded.items()}
+    if kind == "seq2seq":
+        start = getattr(getattr(model, "config", None), "decoder_start_token_id", None) or 0
+        prefix = inputs["input_ids"][:, :8]
+        inputs["decoder_input_ids"] = torch.cat(
+            [torch.full((prefix.shape[0], 1), int(start), dtype=prefix.dtype, device=device), prefix], dim=1)
+    with torch.no_grad():
+        return model(**inputs).logits.float().cpu()
+
+
+def max_abs_difference(reference, other, encoded: dict, kind: str) -> float:
+    """Largest |a - b| over the outputs that mean something (per-token outputs: real tokens only)."""
+    import torch
+
+    if reference.shape != other.shape:
+        raise PeftlabError(f"merged and unmerged outputs have different shapes ({tuple(other.shape)} vs "
+                           f"{tuple(reference.shape)}).")
+    difference = (reference - other).abs()
+    if kind in ("token-cls", "causal-lm") and "attention_mask" in encoded and difference.dim() == 3:
+        mask = encoded["attention_mask"].bool()
+        difference = difference[mask]
+    if difference.numel() == 0:
+        return 0.0
+    if not torch.isfinite(difference).all():
+        return float("inf")
+    return float(difference.max())
+
+
+# ---- merging --------------------------------------------------------------------------------------
+
+def auto_class_name(kind: str) -> str:
+    from peftlab.models import AUTO_CLASSES
+
+    return AUTO_CLASSES[kind]
+
+
+def prepare_config(model, manifest: RunManifest) -> None:
+    """A config a plain transformers install reads: label names, no quantisation, no peftlab attributes."""
+    config = model.config
+    for attribute in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attribute):
+            try:
+                delattr(config, attribute)
+            except AttributeError:
+                pass
+    if manifest.kind in ("seq-cls", "token-cls"):
+        if manifest.is_regression:
+            config.num_labels = 1
+            config.problem_type = "regression"
+        elif manifest.label_names:
+            config.id2label = {index: str(label) for index, label in enumerate(manifest.label_names)}
+            config.label2id = {str(label): index for index, label in enumerate(manifest.label_names)}
+    for attribute in ("_peftlab_kind",):
+        model.__dict__.pop(attribute, None)
+
+
+def merged_model(loaded) -> Any:
+    """The loaded (unmerged) model with its method folded in: a plain transformers model, float32, eval."""
+    import torch
+
+    method = loaded.method
+    if not method.mergeable:
+        raise PeftlabError(not_mergeable_message(method, loaded.adapter_dir.parent
+                                                 if loaded.adapter_dir.name == "adapter" else loaded.adapter_dir))
+    model = method.merge(loaded.model)
+    from peftlab.methods.compat import remove_prefix_compat
+
+    remove_prefix_compat(model)
+    if any(p.dtype != torch.float32 and p.is_floating_point() for p in model.parameters()):
+        model = model.to(torch.float32)
+    prepare_config(model, loaded.manifest)
+    model.eval()
+    return model
+
+
+def merge(adapter: str | os.PathLike, output: str | os.PathLike, *, samples: int = 16, tolerance: float = 1e-4,
+          data_dir: str | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Merge ``adapter`` (a ``peftlab train`` folder or a peft adapter folder) into a standalone model at
+    ``output``; verify it against the unmerged model; return (and write) the report."""
+    import torch
+    import transformers
+
+    import peftlab
+    from peftlab.inference import load_trained
+    from peftlab.methods import get_method
+
+    manifest, adapter_dir = read_run(adapter)
+    method = get_method(manifest.method, **(manifest.method_options or {}))
+    if not method.mergeable:
+        raise PeftlabError(not_mergeable_message(method, adapter))
+    if samples < 1:
+        raise PeftlabError(f"--samples must be at least 1; got {samples}.")
+    if not tolerance >= 0:
+        raise PeftlabError(f"--tolerance must be a non-negative number; got {tolerance}.")
+    out = Path(output).expanduser().resolve()
+    source = Path(adapter).expanduser().resolve()
+    if out == source or source in out.parents or out in source.parents:
+        raise PeftlabError(f"--output '{out}' overlaps the adapter folder '{source}': choose a separate folder.")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT_NAME).is_file())):
+        raise PeftlabError(f"'{out}' already exists and is not an earlier `peftlab merge` output: choose another "
+                           "--output or delete it.")
+
+    notes: list[str] = []
+    say = (lambda text: None) if quiet else (lambda text: print(text, flush=True))
+    if method.name == "qlora":
+        note = ("warning: qlora: merging into the 4-bit base would re-quantise W + B·A and lose most of the "
+                "update (lossy), so peftlab merges into a float32 copy of the base "
+                f"(merge_base={getattr(method.options, 'merge_base', 'dequantized')}); the output is a full-precision "
+                "model (4x the size of the 4-bit base).")
+        notes.append(note)
+        print(note, file=sys.stderr, flush=True)
+
+    loaded = load_trained(adapter, device="cpu")
+    kind = manifest.kind
+    records, sample_source = sample_records(loaded.manifest, samples, data_dir)
+    encoded = encode_records(loaded.tokenizer, kind, records, loaded.manifest.max_length)
+    reference = model_logits(loaded.model, encoded, kind)
+
+    merged = merged_model(loaded)
+    staging = out.parent / f".{out.name}.merge-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        merged.save_pretrained(str(staging))
+        loaded.tokenizer.save_pretrained(str(staging))
+        del merged, loaded
+        auto_class = getattr(transformers, auto_class_name(kind))
+        reloaded = auto_class.from_pretrained(str(staging), dtype=torch.float32)
+        reloaded.eval()
+        difference = max_abs_difference(reference, model_logits(reloaded, encoded, kind), encoded, kind)
+        del reloaded
+        if not difference <= tolerance:
+            raise PeftlabError(
+                f"The merged model does not reproduce the adapter: max |merged - unmerged| = {difference:.3g} on "
+                f"{len(records)} inputs ({sample_source}), above the tolerance {tolerance:g}. Nothing was written "
+                "to the output folder.")
+        report = {
+            "source_adapter": str(source),
+            "adapter_dir": str(Path(adapter_dir).resolve()),
+            "method": manifest.method,
+            "model": manifest.model,
+            "kind": kind,
+            "task": manifest.task,
+            "task_options": manifest.task_options,
+            "label_names": manifest.label_names,
+            "is_regression": manifest.is_regression,
+            "max_length": manifest.max_length,
+            "auto_class": auto_class_name(kind),
+            "max_abs_diff": difference,
+            "tolerance": tolerance,
+            "samples": len(records),
+            "sample_source": sample_source,
+            "notes": notes,
+            "peftlab_version": peftlab.__version__,
+            "torch_version": torch.__version__,
+            "transformers_version": transformers.__version__,
+        }
+        write_json(staging / REPORT_NAME, report)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    say(f"Merged {manifest.method} adapter '{source}' into '{out}' ({report['auto_class']}).")
+    say(f"Verified on {len(records)} inputs ({sample_source}): max |merged - unmerged| = {difference:.3g} "
+        f"(tolerance {tolerance:g}).")
+    say(f"Load it with: transformers.{report['auto_class']}.from_pretrained('{out}')")
+    return report
+
+
+def read_merge_report(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``peftlab_merge.json`` of a merged folder, or None for a folder merged elsewhere."""
+    path = Path(folder) / REPORT_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
