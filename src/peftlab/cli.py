@@ -228,7 +228,7 @@ def cmd_serve(args, extra):
         if not sep or not name or not path:
             raise PeftlabError(f"--adapter '{spec}' must look like NAME=DIR (for example sst2=runs/lora-sst2).")
         adapters[name] = path
-    serve(base=args.base, adapters=adapters, host=args.host, port=args.port)
+    serve(base=args.base, adapters=adapters, host=args.host, port=args.port, threads=args.threads)
     return 0
 
 
@@ -324,6 +324,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, set[str]]]:
     sub.add_argument("--adapter", action="append", help="NAME=DIR, repeatable")
     sub.add_argument("--host", default="127.0.0.1")
     sub.add_argument("--port", type=int, default=8000)
+    sub.add_argument("--threads", type=int, default=None,
+                     help="torch threads for inference (default $PEFTLAB_SERVE_THREADS or torch's; 1 on busy machines)")
     sub.set_defaults(handler=cmd_serve)
 
     sub = commands.add_parser("recommend", help="rank the methods for your situation")
