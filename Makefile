@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.peftlab-installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast browser clean
 
 setup: $(STAMP)
 
@@ -25,7 +25,14 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(VENV)/bin/peftlab compare --task sst2 --model minilm --methods all --output $(DEMO_OUT)
 
-test: setup
+# The compare report is checked in a real headless browser (Debian's chromium).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "Installing Debian's chromium for the report test..."; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+test: setup browser
 	$(PY) -m pytest -q
 
 test-fast: setup
