@@ -237,7 +237,8 @@ def cmd_recommend(args, extra):
 
     ranking = recommend(model=args.model, task_type=args.task_type, memory=args.memory, tasks=args.tasks,
                         latency_critical=args.latency_critical, few_shot=args.few_shot,
-                        batch_size=args.batch_size, max_length=args.max_length)
+                        batch_size=args.batch_size, max_length=args.max_length,
+                        domain_specific=args.domain_specific, device=args.device)
     if args.json:
         print(json.dumps(ranking, indent=2))
     else:
@@ -335,6 +336,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, set[str]]]:
     sub.add_argument("--tasks", type=int, default=1, help="how many tasks will share one base model")
     sub.add_argument("--latency-critical", action="store_true")
     sub.add_argument("--few-shot", action="store_true")
+    sub.add_argument("--domain-specific", action="store_true", help="domain-specific data (favours BitFit)")
+    sub.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                     help="what --memory is: GPU memory (default) or CPU RAM")
     sub.add_argument("--batch-size", type=int, default=8)
     sub.add_argument("--max-length", type=int, default=512)
     sub.add_argument("--json", action="store_true")
