@@ -374,7 +374,7 @@ def test_save_before_apply_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("name,category,mergeable,lr", [
-    ("adapter", "additive", False, 1e-3), ("bitfit", "selective", True, 1e-3), ("full", "full", True, 2e-5)])
+    ("adapter", "additive", False, 1e-3), ("bitfit", "selective", True, 1e-3), ("full", "full", True, 5e-5)])
 def test_method_metadata(name, category, mergeable, lr):
     cls = get_method_class(name)
     assert cls.category == category and cls.mergeable is mergeable and cls.paper and cls.summary
