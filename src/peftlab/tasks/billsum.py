@@ -1,0 +1,139 @@
+"""BillSum: summarisation of US Congressional bills (Kornilova & Eidelman 2019), sequence to sequence.
+
+Hub source: ``FiscalNote/billsum`` (columns ``text``, ``summary``, ``title``; splits ``train`` 18,949,
+``test`` 3,269 and ``ca_test``). Here ``train`` = train and ``dev`` = test.
+
+Local layout: ``<data_dir>/billsum/train.jsonl`` and ``<data_dir>/billsum/test.jsonl`` (JSON Lines with
+``text`` and ``summary`` fields, other fields ignored), or the same as ``.csv`` files with ``text`` and
+``summary`` columns. A ``dev.jsonl``/``dev.csv`` is accepted in place of the test file.
+
+Each record becomes ``source`` = the bill text (whitespace runs collapsed: the raw bills are full of
+indentation) and ``target`` = the summary.
+
+Scoring. ``metric_name`` is ``perplexity``: the training loop and ``peftlab evaluate`` score seq2seq
+models by teacher-forced dev loss (``peftlab.evaluation`` has no generation step). The task's own
+summarisation metric is ROUGE-L F1 over *generated* summaries: :meth:`BillsumTask.generation_metrics`
+(and :func:`rouge_l`), used by ``peftlab.labs.generation_scores``. ``rouge_score`` is not installed
+here, so ROUGE-L is implemented directly: the longest common subsequence of lower-cased alphanumeric
+tokens, F1 of LCS-precision and LCS-recall (Lin 2004, with beta = 1, as ``rouge_score``'s ``rougeL``
+without stemming).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from peftlab import metrics
+from peftlab.errors import PeftlabError
+from peftlab.tasks.base import Task, load_hub_dataset
+from peftlab.tasks.tabular import read_rows
+
+HUB_PATH = "FiscalNote/billsum"
+HUB_SPLITS = {"train": "train", "dev": "test"}
+LOCAL_FILES = {"train": ("train",), "dev": ("test", "dev")}
+_SPACES = re.compile(r"\s+")
+_TOKEN = re.compile(r"[a-z0-9]+")
+
+
+def clean(text: str) -> str:
+    """Collapse every whitespace run (the bills' indentation and line breaks) into one space."""
+    return _SPACES.sub(" ", text).strip()
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """Lower-cased alphanumeric tokens, as ``rouge_score``'s default tokenizer (no stemming)."""
+    return _TOKEN.findall(text.lower())
+
+
+def lcs_length(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence (O(len(a)·len(b)) time, O(len(b)) memory)."""
+    if not a or not b:
+        return 0
+    previous = [0] * (len(b) + 1)
+    for token in a:
+        current = [0]
+        for j, other in enumerate(b, start=1):
+            current.append(previous[j - 1] + 1 if token == other else max(previous[j], current[j - 1]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> dict[str, float]:
+    """ROUGE-L precision, recall and F1 of one generated text against one reference."""
+    predicted, wanted = rouge_tokens(prediction), rouge_tokens(reference)
+    common = lcs_length(predicted, wanted)
+    if common == 0:
+        return {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    precision, recall = common / len(predicted), common / len(wanted)
+    return {"precision": precision, "recall": recall, "f1": 2 * precision * recall / (precision + recall)}
+
+
+class BillsumTask(Task):
+    def __init__(self, name: str = "billsum", **options):
+        super().__init__(
+            name=name,
+            kind="seq2seq",
+            metric_name="perplexity",
+            description="BillSum bill summarisation (dev perplexity in training; ROUGE-L F1 of generated "
+                        "summaries via generation_metrics)",
+            higher_is_better=False,
+            options=options,
+        )
+
+    generation_metric_name = "rougeL"
+
+    def _load_local(self, split: str, data_dir: Path | None):
+        import datasets
+
+        folder = data_dir / "billsum"
+        candidates = [folder / f"{stem}.{ext}" for stem in LOCAL_FILES[split] for ext in ("jsonl", "csv")]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            raise PeftlabError(
+                f"Task '{self.name}': expected the {split} file at '{candidates[0]}' (raw layout: "
+                "billsum/train.jsonl and billsum/test.jsonl with 'text' and 'summary' fields, or the same as "
+                ".csv). Put the files there, or unset --data-dir/$PEFTLAB_DATA_DIR to load FiscalNote/billsum "
+                "from the Hub."
+            )
+        records = []
+        for line_number, row in read_rows(path, delimiter=None if path.suffix == ".jsonl" else ","):
+            values = {}
+            for key in ("text", "summary"):
+                value = row.get(key)
+                if not isinstance(value, str) or not value.strip():
+                    problem = "is missing" if key not in row else (
+                        "is empty" if isinstance(value, str) else f"is a JSON {type(value).__name__}, not a string")
+                    raise PeftlabError(
+                        f"{path}, line {line_number}: field '{key}' {problem}. Each BillSum record needs a "
+                        f"non-empty 'text' and 'summary'. Fields present: {', '.join(repr(k) for k in row)}."
+                    )
+                values[key] = value
+            records.append({"source": clean(values["text"]), "target": clean(values["summary"])})
+        return datasets.Dataset.from_list(records)
+
+    def _load_hub(self, split: str):
+        import datasets
+
+        raw = load_hub_dataset(HUB_PATH, None, HUB_SPLITS[split], self.name)
+        return datasets.Dataset.from_list(
+            [{"source": clean(row["text"]), "target": clean(row["summary"])} for row in raw])
+
+    def compute_metrics(self, predictions, references=None):
+        """``compute_metrics(mean_loss, None)`` -> loss and perplexity (what training reports), or, given
+        lists of generated and reference strings, the ROUGE-L scores of :meth:`generation_metrics`."""
+        if isinstance(predictions, (list, tuple)):
+            return self.generation_metrics(predictions, references)
+        return metrics.language_modeling(float(predictions))
+
+    def generation_metrics(self, predictions: list[str], references: list[str]) -> dict[str, float]:
+        """Mean ROUGE-L F1 (``rougeL``), precision and recall of generated summaries."""
+        if len(predictions) != len(references):
+            raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+        if not predictions:
+            return {"rougeL": 0.0, "rougeL_precision": 0.0, "rougeL_recall": 0.0}
+        scores = [rouge_l(p, r) for p, r in zip(predictions, references)]
+        n = len(scores)
+        return {"rougeL": sum(s["f1"] for s in scores) / n,
+                "rougeL_precision": sum(s["precision"] for s in scores) / n,
+                "rougeL_recall": sum(s["recall"] for s in scores) / n}
