@@ -46,21 +46,22 @@ from peftlab.report import write_json_file
 # The training budget per task kind when the user gives neither --max-train-samples nor --epochs.
 # Classification: 2,000 examples x 3 epochs is where the methods separate (LoRA reaches ~0.81 SST-2
 # accuracy, prompt tuning is still far behind) and all ten methods fit in the demo's time budget.
-# Language models on a CPU are ~20x slower per example, so their default is smaller.
+# Language models are far slower per example on a CPU (SmolLM2-135M on Alpaca: seconds per example),
+# so their default is a smoke-sized budget: raise it (and use a GPU) for a ranking that means much.
 DEFAULT_BUDGETS: dict[str, dict[str, Any]] = {
     "seq-cls": {"max_train_samples": 2000, "epochs": 3.0},
     "token-cls": {"max_train_samples": 2000, "epochs": 3.0},
-    "causal-lm": {"max_train_samples": 200, "epochs": 1.0},
+    "causal-lm": {"max_train_samples": 100, "epochs": 1.0},
     "seq2seq": {"max_train_samples": 500, "epochs": 2.0},
 }
 # Options compare sets differently from `peftlab train` unless the user gives them: one dev evaluation
-# at the end (not per epoch: it would be charged to every method's wall time), no progress bar (the
-# worker's output goes to a log file), and fp32 (on the 2-core CPUs here bf16 autocast did not pay
-# off for these small models; see docs/compare.md).
-COMPARE_DEFAULTS: dict[str, Any] = {"eval_each_epoch": False, "progress": False, "precision": "fp32"}
+# at the end (not per epoch: it would be charged to every method's wall time) and no progress bar (the
+# worker's output goes to a log file). Precision stays `auto`: on the AVX512-BF16 CPUs here bf16
+# autocast trained LoRA on MiniLM 1.8x faster than fp32 at the same dev accuracy (docs/compare.md).
+COMPARE_DEFAULTS: dict[str, Any] = {"eval_each_epoch": False, "progress": False}
 
 LATENCY_ROWS = 32  # dev inputs used for timing: one batch of 32, and single rows cycled for batch 1
-# Timing: median of up to N runs after warm-up; a setting stops early (after 5 runs) once its budget
+# Timing: median of up to N runs after warm-up; a setting stops early (after 3 runs) once its budget
 # is spent, so a slow model (a 4-bit base dequantised on the fly on a CPU) cannot stall a comparison.
 LATENCY_SETTINGS: dict[str, Any] = {"bs1_warmup": 3, "bs1_runs": 20, "bs32_warmup": 1, "bs32_runs": 5,
                                     "budget_s": 5.0}
@@ -71,6 +72,8 @@ RESULT_FILE = "result.json"
 WORKER_RESULT = "worker-result.json"
 WORKER_ERROR = "error.txt"
 LOG_FILE = "compare.log"
+SPEC_FILE = "compare-spec.json"
+PARENT_PID_ENV = "PEFTLAB_COMPARE_PARENT"
 
 # Keys of a run's metrics.json (peftlab.training.train), present (None where unknown) in every row.
 METRIC_KEYS = (
@@ -84,12 +87,13 @@ METRIC_KEYS = (
 COMPARE_KEYS = (
     "status", "error", "reason", "mergeable", "inference_cost", "adapter_bytes",
     "latency_ms_bs1", "latency_ms_bs32", "latency_ms_bs1_merged", "latency_ms_bs32_merged", "latency_runs",
-    "latency_precision", "samples", "metric_delta_vs_full", "pareto", "isolated", "wall_seconds", "run_dir", "log",
+    "latency_precision", "samples", "metric_delta_vs_full", "pareto", "isolated", "wall_seconds", "cpu_seconds", "threads",
+    "run_dir", "log",
     "train_config", "repeats", "seeds", "runs",
 )
 # Numbers averaged over seeds with --repeats (and reported with a standard deviation).
 AVERAGED = ("metric", "train_seconds", "train_samples_per_second", "train_tokens_per_second", "peak_memory_mb",
-            "eval_seconds", "wall_seconds", "latency_ms_bs1", "latency_ms_bs32", "latency_ms_bs1_merged",
+            "eval_seconds", "wall_seconds", "cpu_seconds", "latency_ms_bs1", "latency_ms_bs32", "latency_ms_bs1_merged",
             "latency_ms_bs32_merged", "final_train_loss")
 WITH_STD = ("metric", "train_seconds", "train_tokens_per_second", "peak_memory_mb", "latency_ms_bs1",
             "latency_ms_bs32")
@@ -184,6 +188,7 @@ def compare(methods: str | list[str] = "all", output: str | os.PathLike | None =
         "max_train_samples": first.max_train_samples, "max_eval_samples": first.max_eval_samples,
         "epochs": first.epochs, "batch_size": first.batch_size, "max_length": first.max_length,
         "precision": first.precision, "isolate": isolate, "output": str(out), "latency": latency,
+        "worker_threads": worker_threads(isolate),
         "defaults_applied": budget_defaults, "per_method_options": per_method,
         "options": {k: v for k, v in options.items()},
     }
@@ -208,7 +213,8 @@ def compare(methods: str | list[str] = "all", output: str | os.PathLike | None =
                 "seed": seed, "isolated": isolate, "latency": latency}
         echo(f"{label}: training ({_eta(times, len(plan) - index + 1)})")
         began = time.perf_counter()
-        result = run_isolated(spec, run_dir) if isolate else run_in_process(spec, run_dir)
+        result = run_isolated(spec, run_dir, threads=settings["worker_threads"]["threads"]) if isolate \
+            else run_in_process(spec, run_dir)
         times.append(time.perf_counter() - began)
         result.setdefault("wall_seconds", times[-1])
         write_json_file(run_dir / RESULT_FILE, result)  # atomic: a finished run is never half-written
@@ -258,6 +264,31 @@ def options_for(name: str, options: dict[str, Any], per_method: dict[str, dict])
     chosen.update(per_method.get(name, {}))
     chosen["method"] = name
     return chosen
+
+
+def worker_threads(isolate: bool) -> dict[str, Any]:
+    """How many threads each worker's torch uses, and why.
+
+    PyTorch runs one OpenMP thread per core, and OpenMP threads spin while they wait for each other.
+    On a CPU that other processes already keep busy (load average at or above the core count) that
+    spinning costs far more than the second thread gains: measured on the shared 2-core machines
+    here, a LoRA step took 5 to 20 times longer with 2 threads than with 1. So on a busy machine the
+    workers run single-threaded. ``OMP_NUM_THREADS`` set by the user always wins. Decided once per
+    comparison, so every method runs under the same setting, which ``results.json`` records.
+    """
+    from peftlab import hardware
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return {"threads": None, "why": f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} (yours)"}
+    cores = hardware.cpu_count()
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # pragma: no cover - not on this platform
+        load = 0.0
+    if isolate and cores > 1 and load >= cores:
+        return {"threads": 1, "why": f"the machine is busy (load average {load:.1f} on {cores} cores): one thread per "
+                                     "worker avoids OpenMP spin-waiting; set OMP_NUM_THREADS to choose"}
+    return {"threads": None, "why": "torch's default (one per core)"}
 
 
 def preflight(names: list[str], model: str, task, method_options: dict[str, dict] | None = None
@@ -325,17 +356,17 @@ def _skeleton(model: str, task):
 
 # ---- one run: in a worker process (default) or in this process ---------------------------------------
 
-def run_isolated(spec: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+def run_isolated(spec: dict[str, Any], run_dir: Path, threads: int | None = None) -> dict[str, Any]:
     """Run one method in a fresh ``python -m peftlab.compare worker`` process; never raises for its failures."""
-    _prepare_run_dir(run_dir, resume=spec["resume"])
-    spec_path = run_dir / "compare-spec.json"
-    write_json_file(spec_path, spec)
+    spec_path = _prepare_run_dir(run_dir, spec)
     log_path = run_dir / LOG_FILE
-    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+                   PARENT_PID_ENV: str(os.getpid())}
+    if threads:
+        environment["OMP_NUM_THREADS"] = str(threads)
     with open(log_path, "a") as log:
         process = subprocess.Popen([sys.executable, "-m", "peftlab.compare", "worker", str(spec_path)],
-                                   stdout=log, stderr=subprocess.STDOUT, env=environment,
-                                   preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                                   stdout=log, stderr=subprocess.STDOUT, env=environment)
         try:
             returncode = process.wait()
         except KeyboardInterrupt:
@@ -364,7 +395,7 @@ def run_isolated(spec: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
 def run_in_process(spec: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """``--no-isolate``: the same steps in this process (faster start; peak memory is no longer per method)."""
-    _prepare_run_dir(run_dir, resume=spec["resume"])
+    _prepare_run_dir(run_dir, spec)
     try:
         return run_method(spec)
     except KeyboardInterrupt:
@@ -374,24 +405,54 @@ def run_in_process(spec: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         return failed_result(spec, _describe(error), run_dir)
 
 
-def _prepare_run_dir(run_dir: Path, *, resume: bool) -> None:
-    """A clean folder for a fresh run; kept as it is when a killed run can continue (checkpoints/metrics)."""
-    resumable = resume and ((run_dir / "checkpoints").is_dir() or (run_dir / "metrics.json").is_file())
+def _prepare_run_dir(run_dir: Path, spec: dict[str, Any]) -> Path:
+    """A clean folder for a fresh run, or the folder of a killed run that can continue; returns the spec file.
+
+    With --resume, a run folder is continued (from its step checkpoints, or from its finished training
+    when only the measurements are missing) only if it was started with the same training options;
+    anything else starts over.
+    """
+    spec_path = run_dir / SPEC_FILE
+    resumable = False
+    if spec["resume"] and ((run_dir / "checkpoints").is_dir() or (run_dir / "metrics.json").is_file()):
+        try:
+            earlier = json.loads(spec_path.read_text())
+            resumable = _identity_of(earlier) == _identity_of(spec)
+        except (OSError, json.JSONDecodeError, PeftlabError):
+            resumable = False
     if run_dir.exists() and not resumable:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in (WORKER_RESULT, WORKER_ERROR, RESULT_FILE):
         (run_dir / stale).unlink(missing_ok=True)
+    spec["resume"] = resumable
+    write_json_file(spec_path, spec)
+    return spec_path
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the worker gets SIGTERM if compare dies, so a killed comparison leaves no orphan training."""
+def _identity_of(spec: dict[str, Any]) -> dict[str, Any]:
+    from peftlab.training import config_from_options
+
+    return training_identity(config_from_options(spec["options"]))
+
+
+def _die_with_parent() -> None:
+    """Linux: the worker gets SIGTERM when compare dies, so a killed comparison leaves no training behind.
+
+    Set by the worker itself (not a ``preexec_fn``, which is unsafe in a process with threads); a parent
+    that died before this point is caught by comparing the parent's pid.
+    """
+    expected = os.environ.get(PARENT_PID_ENV)
+    if not expected or not sys.platform.startswith("linux"):
+        return
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001
-        pass
+    except Exception:  # noqa: BLE001 - best effort
+        return
+    if str(os.getppid()) != expected:
+        sys.exit(143)
 
 
 def worker_main(argv: list[str]) -> int:
@@ -400,6 +461,7 @@ def worker_main(argv: list[str]) -> int:
         print("usage: python -m peftlab.compare worker SPEC.json", file=sys.stderr)
         return 2
     spec_path = Path(argv[1])
+    _die_with_parent()
     spec = json.loads(spec_path.read_text())
     run_dir = spec_path.parent
     _quiet_libraries()
@@ -432,7 +494,9 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # per method even without isolation
     began = time.perf_counter()
+    cpu_began = time.process_time()
     metrics = train(config)
+    cpu_seconds = time.process_time() - cpu_began
     problem = divergence(metrics, run_dir / "log.jsonl")
     if problem:
         raise TrainingDiverged(problem)
@@ -444,6 +508,7 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
         adapter_bytes=folder_bytes(run_dir / "adapter"), isolated=bool(spec.get("isolated", True)),
         train_config=training_identity(config), run_dir=f"runs/{spec['run_name']}",
         log=f"runs/{spec['run_name']}/{LOG_FILE}" if spec.get("isolated", True) else None,
+        cpu_seconds=cpu_seconds, threads=torch.get_num_threads(),
     )
     if not spec.get("isolated", True) and hardware.device_type() == "cpu":
         result["peak_memory_note"] = ("not isolated: peak RSS of the whole compare process so far, "
@@ -487,13 +552,28 @@ def measure_inference(run_dir: Path, config, latency: dict[str, Any] | None = No
     gc.collect()
     if mergeable:
         fresh = load_trained(run_dir)
-        merged = fresh.method.merge(fresh.model)
-        merged.eval()
-        bs1, bs32, _ = time_model(merged, inputs, **settings)
-        result.update(latency_ms_bs1_merged=bs1, latency_ms_bs32_merged=bs32)
-        del fresh, merged
+        model = fresh.model
+        merged = fresh.method.merge(model)
+        if merged is model and not _is_peft(model):
+            # BitFit, full fine-tuning: the trained model already is a plain model, merging changes nothing
+            result.update(latency_ms_bs1_merged=result["latency_ms_bs1"],
+                          latency_ms_bs32_merged=result["latency_ms_bs32"], latency_merged_note="same model")
+        else:
+            merged.eval()
+            bs1, bs32, _ = time_model(merged, inputs, **settings)
+            result.update(latency_ms_bs1_merged=bs1, latency_ms_bs32_merged=bs32)
+        del fresh, model, merged
         gc.collect()
     return result
+
+
+def _is_peft(model) -> bool:
+    try:
+        import peft
+
+        return isinstance(model, peft.PeftModel)
+    except ImportError:  # pragma: no cover
+        return False
 
 
 def latency_inputs(loaded, config) -> dict[str, Any]:
@@ -509,9 +589,12 @@ def latency_inputs(loaded, config) -> dict[str, Any]:
                          label_names=loaded.label_names, is_regression=loaded.manifest.is_regression,
                          with_labels=False)
     collate = collator(loaded.kind, loaded.tokenizer)
+
+    def batch(rows):  # model inputs only (the seq2seq collator adds labels=None)
+        return {k: v for k, v in collate(rows).items() if k != "labels" and hasattr(v, "to")}
+
     rows = [tokenized[i] for i in range(len(tokenized))]
-    return {"raw": [raw[i] for i in range(len(raw))], "batch": collate(rows),
-            "singles": [collate([row]) for row in rows[:16]]}
+    return {"raw": [raw[i] for i in range(len(raw))], "batch": batch(rows), "singles": [batch([row]) for row in rows[:16]]}
 
 
 def time_model(model, inputs: dict[str, Any], *, bs1_warmup: int = 3, bs1_runs: int = 20, bs32_warmup: int = 1,
@@ -519,7 +602,7 @@ def time_model(model, inputs: dict[str, Any], *, bs1_warmup: int = 3, bs1_runs: 
     """Median milliseconds of a forward pass at batch 1 (single dev rows, cycled) and at batch 32.
 
     Each timing is the median of repeated runs after untimed warm-up runs, stopping early (after at
-    least 5 runs, or all of them if fewer were asked) once ``budget_s`` is spent. fp32, no autocast,
+    least 3 runs) once ``budget_s`` is spent. fp32, no autocast,
     no gradients; CUDA is synchronised around every run.
     """
     import torch
@@ -544,7 +627,7 @@ def time_model(model, inputs: dict[str, Any], *, bs1_warmup: int = 3, bs1_runs: 
                 model(**batch)
                 sync()
                 durations.append(time.perf_counter() - start)
-                if len(durations) >= min(5, runs) and time.perf_counter() - began > budget_s:
+                if len(durations) >= min(3, runs) and time.perf_counter() - began > budget_s:
                     break
         return 1000 * statistics.median(durations), len(durations)
 
@@ -762,6 +845,7 @@ def environment(command: str | None, resolved: str, settings: dict[str, Any]) ->
         "device": device,
         "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
         "threads": torch.get_num_threads(),
+        "worker_threads": _threads_text(settings.get("worker_threads")),
         "cpu_cores": hardware.cpu_count(),
         "cpu": cpu_name(),
         "bf16_native": hardware.bf16_supported(),
@@ -779,6 +863,12 @@ def environment(command: str | None, resolved: str, settings: dict[str, Any]) ->
     except (ImportError, OSError):  # pragma: no cover
         pass
     return info
+
+
+def _threads_text(choice: dict[str, Any] | None) -> str | None:
+    if not choice:
+        return None
+    return f"{choice['threads'] or 'default'}: {choice['why']}"
 
 
 def cpu_name() -> str:
@@ -854,6 +944,9 @@ def _plan_banner(settings, reasons, planned: int) -> str:
              f"  budget: {budget}",
              f"  {planned} run(s), {'each in its own process' if settings['isolate'] else 'in this process'}; "
              f"results in {settings['output']}"]
+    threads = settings.get("worker_threads") or {}
+    if threads.get("threads"):
+        lines.append(f"  threads: {threads['threads']} per worker, because {threads['why']}")
     if settings["defaults_applied"]:
         lines.append("  compare defaults used for: " + ", ".join(
             f"{k}={settings['options'][k]}" for k in settings["defaults_applied"]))

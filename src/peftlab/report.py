@@ -119,9 +119,12 @@ def table_rows(payload: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     settings = payload["settings"]
     metric_name = settings["metric_name"]
     better = "↑" if settings["higher_is_better"] else "↓"
+    rows_timed = next((r["latency_runs"].get("bs32_rows") for r in payload["results"]
+                       if r.get("status") == "ok" and isinstance(r.get("latency_runs"), dict)), 32) or 32
     header = ["#", "method", "category", "status", "trainable params", "trainable %", f"dev {metric_name} {better}",
               "Δ vs full", "train time (s)", "train tokens/s", "peak memory (MB)", "adapter on disk",
-              "latency bs1 (ms) unmerged / merged", "latency bs32 (ms) unmerged / merged", "extra inference cost"]
+              "latency bs1 (ms) unmerged / merged", f"latency bs{rows_timed} (ms) unmerged / merged",
+              "extra inference cost"]
     cells = []
     rank = 0
     for row in ranked(payload["results"], settings["higher_is_better"]):
@@ -348,7 +351,9 @@ def _plot_latency(plt, ok, settings, payload):
         for y, value in zip(positions, merged):
             if value:
                 axis.text(value, y - height / 2, f" {value:.1f}", va="center", fontsize=7)
-        axis.set_title(f"batch {batch} (median ms per forward pass)", fontsize=10)
+        size = batch if batch == 1 else next((r["latency_runs"].get("bs32_rows") for r in rows
+                                              if isinstance(r.get("latency_runs"), dict)), 32)
+        axis.set_title(f"batch {size} (median ms per forward pass)", fontsize=10)
         axis.set_xlim(0, max(unmerged + merged + [1e-9]) * 1.25)
         axis.grid(alpha=0.3, axis="x")
     axes[0].set_yticks(positions, [r["method"] for r in rows])
@@ -415,12 +420,18 @@ def _budget_sentence(payload) -> str:
     settings = payload["settings"]
     environment = payload.get("environment", {})
     seeds = settings.get("seeds") or []
-    examples = settings.get("max_train_samples") or "all"
-    dev = settings.get("max_eval_samples") or "all"
-    device = environment.get("gpu") or f"{environment.get('cpu', 'CPU')} ({environment.get('threads')} threads)"
-    text = (f"Every method trained on the same {examples} {settings['task']} training examples for "
-            f"{settings.get('epochs', 0):g} epoch(s) (batch {settings.get('batch_size')}, {settings.get('precision')}), "
-            f"each with its own default learning rate, and scored on the same {dev} dev examples. "
+    finished = [r for r in payload["results"] if r.get("status") == "ok"]
+    examples = settings.get("max_train_samples") or (finished[0].get("train_examples") if finished else None) or "all"
+    dev_count = settings.get("max_eval_samples") or (finished[0].get("eval_examples") if finished else None)
+    dev = f"{dev_count:,} dev examples" if isinstance(dev_count, int) else "dev set"
+    threads = next((r.get("threads") for r in finished if r.get("threads")), None) or environment.get("threads")
+    device = environment.get("gpu") or f"{environment.get('cpu', 'CPU')}, {environment.get('cpu_cores', '?')} cores, " \
+                                       f"{threads} thread{'s' if threads != 1 else ''} per run"
+    examples_text = f"{examples:,}" if isinstance(examples, int) else str(examples)
+    text = (f"Every method trained on the same {examples_text} {settings['task']} training examples for "
+            f"{settings.get('epochs', 0):g} epoch{'s' if settings.get('epochs') != 1 else ''} (batch "
+            f"{settings.get('batch_size')}, precision {settings.get('precision')}), "
+            f"each with its own default learning rate, and scored on the same {dev}. "
             f"Seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
             f"{' (mean ± standard deviation over seeds)' if len(seeds) > 1 else ''}. "
             f"Device: {device}. Date: {environment.get('date', '?')}. "
@@ -447,7 +458,7 @@ def _method_notes(payload) -> list[str]:
         f"cycled; {latency.get('bs1_warmup', 3)} warm-up + up to {latency.get('bs1_runs', 20)} timed runs) and "
         f"batch 32 (the first 32 dev examples padded together; {latency.get('bs32_warmup', 1)} warm-up + up to "
         f"{latency.get('bs32_runs', 5)} timed runs; each setting stops after {latency.get('budget_s', 5):g} s once "
-        "5 runs are in), in the method's own process, on the model reloaded from its run folder; 'merged' times the "
+        "3 runs are in), in the method's own process, on the model reloaded from its run folder; 'merged' times the "
         "same after method.merge() on a freshly loaded copy (mergeable methods only).",
         "extra inference cost: what the method adds at inference, as the method declares it.",
         "Each method ran in its own process" + ("" if payload["settings"].get("isolate", True) else
@@ -457,7 +468,7 @@ def _method_notes(payload) -> list[str]:
 
 
 def _environment_items(environment: dict[str, Any]) -> list[tuple[str, str]]:
-    keys = ("date", "device", "gpu", "cpu", "cpu_cores", "threads", "bf16_native", "precision", "memory_gb",
+    keys = ("date", "device", "gpu", "cpu", "cpu_cores", "threads", "worker_threads", "bf16_native", "precision", "memory_gb",
             "load_average", "python", "torch", "transformers", "peft", "bitsandbytes", "peftlab", "platform")
     return [(key, str(environment[key])) for key in keys if environment.get(key) is not None]
 
