@@ -22,3 +22,14 @@ def data_dir() -> Path:
     if not (path / "glue" / "SST-2" / "train.tsv").is_file():
         pytest.fail(f"Real data not found at {path}: set PEFTLAB_DATA_DIR to the shared data folder.")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Each test starts from the same environment: code under test (DeepSpeed without a launcher, for
+    one) may set RANK/WORLD_SIZE/MASTER_PORT in os.environ, which would make later subprocesses try to
+    join a process group that no longer exists."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
