@@ -203,6 +203,12 @@ def test_unknown_method_or_task_names_the_valid_ones_before_any_work(tmp_path):
         compare(methods="lora", output=output, repeats=0, train_options={"task": "sst2"})
     with pytest.raises(PeftlabError, match="--methods"):
         compare(methods="lora", output=output, train_options={"task": "sst2", "method": "lora"})
+    with pytest.raises(PeftlabError, match=r"Unknown method 'lorra'"):  # a recipe's `methods:` is checked too
+        compare(output=output, train_options={"task": "sst2", "methods": "lorra"})
+    with pytest.raises(PeftlabError, match=r"recipe has options for ia3"):
+        compare(methods="lora", output=output, train_options={"task": "sst2", "ia3": {"lr": 1e-3}})
+    with pytest.raises(PeftlabError, match=r"Unknown option 'r'"):  # per-method options are checked per method
+        compare(methods="bitfit", output=output, train_options={"task": "sst2", "bitfit": {"r": 4}})
     assert not output.exists()
 
 

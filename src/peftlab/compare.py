@@ -188,7 +188,7 @@ def compare(methods: str | list[str] = "all", output: str | os.PathLike | None =
         "max_train_samples": first.max_train_samples, "max_eval_samples": first.max_eval_samples,
         "epochs": first.epochs, "batch_size": first.batch_size, "max_length": first.max_length,
         "precision": first.precision, "isolate": isolate, "output": str(out), "latency": latency,
-        "worker_threads": worker_threads(isolate),
+        "worker_threads": worker_threads(),
         "defaults_applied": budget_defaults, "per_method_options": per_method,
         "options": {k: v for k, v in options.items()},
     }
@@ -213,8 +213,8 @@ def compare(methods: str | list[str] = "all", output: str | os.PathLike | None =
                 "seed": seed, "isolated": isolate, "latency": latency}
         echo(f"{label}: training ({_eta(times, len(plan) - index + 1)})")
         began = time.perf_counter()
-        result = run_isolated(spec, run_dir, threads=settings["worker_threads"]["threads"]) if isolate \
-            else run_in_process(spec, run_dir)
+        threads = settings["worker_threads"]["threads"]
+        result = run_isolated(spec, run_dir, threads=threads) if isolate else run_in_process(spec, run_dir, threads)
         times.append(time.perf_counter() - began)
         result.setdefault("wall_seconds", times[-1])
         write_json_file(run_dir / RESULT_FILE, result)  # atomic: a finished run is never half-written
@@ -266,7 +266,7 @@ def options_for(name: str, options: dict[str, Any], per_method: dict[str, dict])
     return chosen
 
 
-def worker_threads(isolate: bool) -> dict[str, Any]:
+def worker_threads() -> dict[str, Any]:
     """How many threads each worker's torch uses, and why.
 
     PyTorch runs one OpenMP thread per core, and OpenMP threads spin while they wait for each other.
@@ -285,7 +285,7 @@ def worker_threads(isolate: bool) -> dict[str, Any]:
         load = os.getloadavg()[0]
     except OSError:  # pragma: no cover - not on this platform
         load = 0.0
-    if isolate and cores > 1 and load >= cores:
+    if cores > 1 and load >= cores:
         return {"threads": 1, "why": f"the machine is busy (load average {load:.1f} on {cores} cores): one thread per "
                                      "worker avoids OpenMP spin-waiting; set OMP_NUM_THREADS to choose"}
     return {"threads": None, "why": "torch's default (one per core)"}
@@ -393,9 +393,14 @@ def run_isolated(spec: dict[str, Any], run_dir: Path, threads: int | None = None
     return failed_result(spec, error, run_dir)
 
 
-def run_in_process(spec: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+def run_in_process(spec: dict[str, Any], run_dir: Path, threads: int | None = None) -> dict[str, Any]:
     """``--no-isolate``: the same steps in this process (faster start; peak memory is no longer per method)."""
+    import torch
+
     _prepare_run_dir(run_dir, spec)
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     try:
         return run_method(spec)
     except KeyboardInterrupt:
@@ -403,6 +408,8 @@ def run_in_process(spec: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     except Exception as error:  # noqa: BLE001 - one method's failure is a result, not the end of the comparison
         traceback.print_exc()
         return failed_result(spec, _describe(error), run_dir)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _prepare_run_dir(run_dir: Path, spec: dict[str, Any]) -> Path:
@@ -937,9 +944,10 @@ def _quiet_libraries() -> None:
 
 
 def _plan_banner(settings, reasons, planned: int) -> str:
-    budget = (f"{settings['max_train_samples'] or 'all'} train examples x {settings['epochs']:g} epochs, "
-              f"dev {settings['max_eval_samples'] or 'all'} examples, seed(s) {', '.join(map(str, settings['seeds']))}, "
-              f"{settings['precision']}")
+    dev = f"{settings['max_eval_samples']:,} dev examples" if settings["max_eval_samples"] else "the whole dev set"
+    budget = (f"{settings['max_train_samples'] or 'all'} train examples x {settings['epochs']:g} epochs, {dev}, "
+              f"seed{'s' if len(settings['seeds']) > 1 else ''} {', '.join(map(str, settings['seeds']))}, "
+              f"precision {settings['precision']}")
     lines = [f"peftlab compare: {len(settings['methods'])} method(s) on {settings['task']} with {settings['model']}",
              f"  budget: {budget}",
              f"  {planned} run(s), {'each in its own process' if settings['isolate'] else 'in this process'}; "
