@@ -435,7 +435,8 @@ def train_sentiment_judge(output: str | os.PathLike, *, smoke_budget: bool | Non
         if (output / "metrics.json").is_file():
             return output
         fresh_run(output)
-        options = dict(method="lora", task="imdb", model="minilm", epochs=1, max_length=128, output=str(output))
+        # 128 tokens: the judge reads short generated reviews; 3 epochs over the 1,600 training reviews
+        options = dict(method="lora", task="imdb", model="minilm", epochs=3, max_length=128, output=str(output))
         if use_smoke:
             options.update(SMOKE_BUDGET, max_length=128)
         options.update(overrides)
