@@ -141,8 +141,10 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 # ---- the matmul peak ----------------------------------------------------------------------------
 
-def matmul_peak_gflops(dtype_name: str, size: int = 2048, trials: int = 7, min_seconds: float = 0.2) -> float:
-    """Best-of-``trials`` dense ``size`` x ``size`` GEMM throughput, GFLOP/s, in this process's thread setting."""
+def matmul_peak_gflops(dtype_name: str, size: int = 2048, trials: int = 7, min_seconds: float = 0.2
+                       ) -> tuple[float, float]:
+    """Best-of-``trials`` dense ``size`` x ``size`` GEMM rate in this process's thread setting, GFLOP/s:
+    (per wall-clock second, per CPU second of this process)."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
@@ -157,13 +159,14 @@ def matmul_peak_gflops(dtype_name: str, size: int = 2048, trials: int = 7, min_s
     torch.mm(a, b, out=out)
     one = max(time.perf_counter() - started, 1e-6)
     repeats = max(1, math.ceil(min_seconds / one))
-    best = float("inf")
+    best = best_cpu = float("inf")
     for _ in range(trials):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         for _ in range(repeats):
             torch.mm(a, b, out=out)
         best = min(best, (time.perf_counter() - started) / repeats)
-    return flops / best / 1e9
+        best_cpu = min(best_cpu, max(time.process_time() - started_cpu, 1e-9) / repeats)
+    return flops / best / 1e9, flops / best_cpu / 1e9
 
 
 # ---- FLOP model ---------------------------------------------------------------------------------
@@ -403,6 +406,15 @@ def _probe_and_count(prepared, kind: str, lengths, padded_length: int | None):
     return flop_model, useful, hardware
 
 
+def _cross_eval(prepared, precision: str) -> dict:
+    """The trained model's dev metric when evaluated at the other precision (does bf16 evaluation move it?)."""
+    from peftlab.evaluation import evaluate_model
+
+    scores = evaluate_model(prepared.model, prepared.task, prepared.tokenizer, prepared.dev_data, prepared.dev_raw,
+                            label_names=prepared.label_names, batch_size=64, precision=precision)
+    return {precision: _metric(scores, prepared.task.metric_name)}
+
+
 def _pad_to_max_length(dataset, tokenizer, max_length: int):
     """What ``tokenizer(..., padding="max_length", max_length=128)`` gives: every row padded to ``max_length``."""
     from peftlab.preprocess import IGNORE_INDEX
@@ -469,6 +481,9 @@ def run_baseline(spec: dict) -> dict:
                             label_names=prepared.label_names, batch_size=64, precision="fp32")
     eval_seconds = time.perf_counter() - started
     flop_model, useful, hardware = _probe_and_count(prepared, task.kind, lengths, BASELINE_MAX_LENGTH)
+    from peftlab import hardware as _hardware
+
+    cross = _cross_eval(prepared, "bf16") if _hardware.bf16_supported() else {}
     epochs = spec["epochs"]
     examples = len(lengths) * epochs
     trainable, total = count_parameters(prepared.model)
@@ -490,6 +505,7 @@ def run_baseline(spec: dict) -> dict:
         "metric_name": task.metric_name,
         "metric": _metric(scores, task.metric_name),
         "metrics": scores,
+        "metric_if_evaluated_in": cross,
         "trainable_params": trainable,
         "total_params": total,
         "flop_model": flop_model.describe(),
@@ -576,6 +592,7 @@ def run_peftlab(spec: dict) -> dict:
     prepared = captured["prepared"]
     lengths = list(prepared.train_data["length"])
     flop_model, useful, _ = _probe_and_count(prepared, prepared.task.kind, lengths, None)
+    cross = {} if levers.get("frozen_bf16") or metrics["precision"] == "fp32" else _cross_eval(prepared, "fp32")
     epochs = spec["epochs"]
     result = {
         "path": "peftlab",
@@ -597,6 +614,7 @@ def run_peftlab(spec: dict) -> dict:
         "metric_name": metrics["metric_name"],
         "metric": float(metrics["metric"]),
         "metrics": metrics["metrics"],
+        "metric_if_evaluated_in": cross,
         "trainable_params": metrics["trainable_params"],
         "total_params": metrics["total_params"],
         "flop_model": flop_model.describe(),
@@ -648,7 +666,11 @@ def finish(result: dict, peaks: dict) -> dict:
     seconds = max(result["train_seconds"], 1e-9)
     peak = peaks.get(result["precision"]) or peaks["fp32"]
     if result.get("train_cpu_seconds"):
-        result["tokens_per_cpu_second"] = result["real_tokens"] / max(result["train_cpu_seconds"], 1e-9)
+        cpu_seconds = max(result["train_cpu_seconds"], 1e-9)
+        result["tokens_per_cpu_second"] = result["real_tokens"] / cpu_seconds
+        cpu_peak = peaks.get("cpu-second", {}).get(result["precision"])
+        if cpu_peak:  # useful FLOPs per CPU second over one core's GEMM rate per CPU second
+            result["cpu_flop_utilization"] = result["useful_flops"] / cpu_seconds / (cpu_peak * 1e9)
     result["examples_per_second"] = result["examples"] / seconds
     result["tokens_per_second"] = result["real_tokens"] / seconds
     result["processed_tokens_per_second"] = result["processed_tokens"] / seconds
@@ -666,7 +688,8 @@ def summary_line(name: str, result: dict) -> str:
             f"{result['train_seconds']:7.1f} s ({result.get('train_cpu_seconds', 0):6.1f} cpu-s) "
             f"{result['peak_memory_mb']:7.0f} MB  "
             f"{result['metric_name']} {metric:.4f}  {result['precision']}  "
-            f"util {100 * result['flop_utilization']:5.1f}% of {result['peak_gflops']:.0f} GFLOP/s")
+            f"util {100 * result['flop_utilization']:5.1f}% of {result['peak_gflops']:.0f} GFLOP/s"
+            + (f" (per cpu-s {100 * result['cpu_flop_utilization']:.0f}%)" if "cpu_flop_utilization" in result else ""))
 
 
 def main(argv=None) -> int:
@@ -753,17 +776,26 @@ def main(argv=None) -> int:
         measured = {}
         for threads in thread_settings:
             torch.set_num_threads(threads)
-            measured[str(threads)] = {dtype: matmul_peak_gflops(dtype, size=size, trials=trials) for dtype in dtypes}
+            for dtype in dtypes:
+                wall, cpu = matmul_peak_gflops(dtype, size=size, trials=trials)
+                measured.setdefault(str(threads), {})[dtype] = wall
+                measured.setdefault(f"{threads}/cpu-second", {})[dtype] = cpu
         torch.set_num_threads(default_threads)
         return measured
 
+    def best(runs: list[dict], cpu: bool) -> dict:
+        return {dtype: max(run[t][dtype] for run in runs for t in run if t.endswith("/cpu-second") == cpu)
+                for dtype in dtypes}
+
     # The peak is the best GEMM rate this machine gives during the run: over 1 thread and torch's default
     # (on a loaded machine one thread can beat two) and over a measurement at the start and at the end.
+    # Per CPU second (one thread): what one core does when it runs, whatever else the machine runs.
     peak_runs = [measure_peaks()]
-    peaks = {dtype: max(run[t][dtype] for run in peak_runs for t in run) for dtype in dtypes}
+    peaks = best(peak_runs, cpu=False)
+    peaks["cpu-second"] = best(peak_runs, cpu=True)
     meta["peak_gemm_size"] = size
     print(f"matmul peak ({size}x{size} GEMM, best of {trials}, threads {thread_settings}): "
-          + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items())
+          + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items() if k != "cpu-second")
           + f" · load average {meta['load_average_start']}", flush=True)
 
     output: dict = {"benchmark": meta}
@@ -822,8 +854,10 @@ def main(argv=None) -> int:
     meta["load_average_end"] = load_average()
     if not quick:
         peak_runs.append(measure_peaks())
-    peaks = {dtype: max(run[t][dtype] for run in peak_runs for t in run) for dtype in dtypes}
-    meta["peak_gflops"] = peaks
+    peaks = best(peak_runs, cpu=False)
+    meta["peak_gflops"] = dict(peaks)
+    peaks["cpu-second"] = best(peak_runs, cpu=True)
+    meta["peak_gflops_per_cpu_second"] = peaks["cpu-second"]
     meta["peak_gflops_measurements"] = {"start": peak_runs[0], **({"end": peak_runs[1]} if len(peak_runs) > 1 else {})}
     for method in methods:  # utilization against the final peak
         entry = output[method]
@@ -831,7 +865,9 @@ def main(argv=None) -> int:
                        *entry.get("baseline_variants", {}).values()]:
             if result is not None:
                 finish(result, peaks)
-    print("matmul peak over the run: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()), flush=True)
+    print("matmul peak over the run: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in meta["peak_gflops"].items())
+          + " · per CPU second (1 thread): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in peaks["cpu-second"].items()), flush=True)
     print(f"summary (median of {args.repeats} runs where repeated; utilization against the peak over the run):")
     for method in methods:
         entry = output[method]

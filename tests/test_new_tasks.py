@@ -68,14 +68,14 @@ def test_billsum_errors(tmp_path):
 
 
 def test_rouge_l():
-    from peftlab.tasks.billsum import lcs_length, rouge_l
+    from peftlab.tasks.billsum import rouge_l
 
-    assert lcs_length("a b c d".split(), "a c d e".split()) == 3
     score = rouge_l("The cat sat on the mat.", "the cat was on the mat")
     # LCS = the cat on the mat (5 tokens); precision 5/6, recall 5/6
     assert score["precision"] == pytest.approx(5 / 6) and score["f1"] == pytest.approx(5 / 6)
     assert rouge_l("", "anything")["f1"] == 0.0
     assert rouge_l("Identical text!", "identical TEXT")["f1"] == 1.0
+    assert rouge_l("the bills were amended", "the bill is amending")["recall"] == pytest.approx(3 / 4)  # stemmed
     task = get_task("billsum")
     scores = task.generation_metrics(["the cat sat", "nothing"], ["the cat sat", "else"])
     assert scores["rougeL"] == pytest.approx(0.5)
@@ -191,3 +191,22 @@ def test_new_tasks_tokenize(tmp_path, data_dir):
     reviews = tokenize(get_task("imdb-gen").load("dev", data_dir).select(range(4)), "causal-lm", tokenizer,
                        max_length=128, label_names=None)
     assert all(any(label != IGNORE_INDEX for label in row) for row in reviews["labels"])
+
+
+# ---- alpaca's prompt for predict/serve -------------------------------------------------------------
+
+
+def test_alpaca_prompt_template_used_by_predict():
+    from types import SimpleNamespace
+
+    from peftlab import inference
+    from peftlab.tasks.alpaca import format_prompt
+
+    task = get_task("alpaca")
+    assert task.format_prompt("Name a colour.") == format_prompt("Name a colour.")
+    assert task.format_prompt("Name a colour.").endswith("### Instruction:\nName a colour.\n\n### Response:\n")
+    assert "### Input:\nred, green\n\n" in task.format_prompt("Pick one.", "red, green")
+    # peftlab predict formats a bare instruction with the task's template (and an "input" field when given)
+    loaded = SimpleNamespace(manifest=SimpleNamespace(task="alpaca", task_options={}))
+    assert inference.format_prompt(loaded, {"prompt": "Pick one.", "input": "red, green"}) == \
+        format_prompt("Pick one.", "red, green")

@@ -59,6 +59,10 @@ class AlpacaTask(Task):
             options=options,
         )
 
+    def format_prompt(self, instruction: str, input: str = "") -> str:
+        """The prompt ``peftlab predict`` and the server build for one instruction (see :func:`format_prompt`)."""
+        return format_prompt(instruction, input)
+
     def _load_local(self, split: str, data_dir: Path | None):
         import datasets
 

@@ -13,10 +13,9 @@ indentation) and ``target`` = the summary.
 Scoring. ``metric_name`` is ``perplexity``: the training loop and ``peftlab evaluate`` score seq2seq
 models by teacher-forced dev loss (``peftlab.evaluation`` has no generation step). The task's own
 summarisation metric is ROUGE-L F1 over *generated* summaries: :meth:`BillsumTask.generation_metrics`
-(and :func:`rouge_l`), used by ``peftlab.labs.generation_scores``. ``rouge_score`` is not installed
-here, so ROUGE-L is implemented directly: the longest common subsequence of lower-cased alphanumeric
-tokens, F1 of LCS-precision and LCS-recall (Lin 2004, with beta = 1, as ``rouge_score``'s ``rougeL``
-without stemming).
+(and :func:`rouge_l`), used by ``peftlab.labs.generation_scores`` and ``peftlab eval --generate``:
+Google's ``rouge_score`` package (the scorer behind ``evaluate``'s "rouge"), ``rougeL`` with the Porter
+stemmer, as in Hugging Face's summarisation examples.
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ HUB_PATH = "FiscalNote/billsum"
 HUB_SPLITS = {"train": "train", "dev": "test"}
 LOCAL_FILES = {"train": ("train",), "dev": ("test", "dev")}
 _SPACES = re.compile(r"\s+")
-_TOKEN = re.compile(r"[a-z0-9]+")
 
 
 def clean(text: str) -> str:
@@ -41,32 +39,13 @@ def clean(text: str) -> str:
     return _SPACES.sub(" ", text).strip()
 
 
-def rouge_tokens(text: str) -> list[str]:
-    """Lower-cased alphanumeric tokens, as ``rouge_score``'s default tokenizer (no stemming)."""
-    return _TOKEN.findall(text.lower())
-
-
-def lcs_length(a: list[str], b: list[str]) -> int:
-    """Length of the longest common subsequence (O(len(a)·len(b)) time, O(len(b)) memory)."""
-    if not a or not b:
-        return 0
-    previous = [0] * (len(b) + 1)
-    for token in a:
-        current = [0]
-        for j, other in enumerate(b, start=1):
-            current.append(previous[j - 1] + 1 if token == other else max(previous[j], current[j - 1]))
-        previous = current
-    return previous[-1]
-
-
 def rouge_l(prediction: str, reference: str) -> dict[str, float]:
-    """ROUGE-L precision, recall and F1 of one generated text against one reference."""
-    predicted, wanted = rouge_tokens(prediction), rouge_tokens(reference)
-    common = lcs_length(predicted, wanted)
-    if common == 0:
-        return {"precision": 0.0, "recall": 0.0, "f1": 0.0}
-    precision, recall = common / len(predicted), common / len(wanted)
-    return {"precision": precision, "recall": recall, "f1": 2 * precision * recall / (precision + recall)}
+    """ROUGE-L precision, recall and F1 of one generated text against one reference (``rouge_score``,
+    Porter stemming on, as Hugging Face's summarisation examples score BillSum)."""
+    from rouge_score import rouge_scorer
+
+    score = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, prediction)["rougeL"]
+    return {"precision": score.precision, "recall": score.recall, "f1": score.fmeasure}
 
 
 class BillsumTask(Task):
