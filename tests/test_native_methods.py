@@ -374,11 +374,12 @@ def test_save_before_apply_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("name,category,mergeable,lr", [
-    ("adapter", "additive", False, 1e-3), ("bitfit", "selective", True, 1e-3), ("full", "full", True, 5e-5)])
+    ("adapter", "additive", False, 1e-3), ("bitfit", "selective", True, 5e-3), ("full", "full", True, 5e-5)])
 def test_method_metadata(name, category, mergeable, lr):
     cls = get_method_class(name)
     assert cls.category == category and cls.mergeable is mergeable and cls.paper and cls.summary
     assert get_method(name).learning_rate == lr
+    assert cls.warmup_ratio == (0.1 if name == "bitfit" else 0.06)  # BitFit's high rate needs a longer warm-up
     assert all(f.metadata.get("help") for f in cls.option_fields())
     assert isinstance(get_method(name).inference_cost(), str)
 

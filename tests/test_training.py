@@ -44,6 +44,7 @@ def test_lora_sst2_reaches_80_percent_on_the_full_dev_set(lora_run):
     assert metrics["train_examples"] == 2000
     assert metrics["metric_name"] == "accuracy"
     assert metrics["metric"] >= 0.80, metrics["metrics"]
+    assert metrics["warmup_ratio"] == 0.06 and metrics["learning_rate"] == 2e-3  # LoRA's own defaults
     for key in ("method", "task", "model", "metric_name", "metric", "metrics", "trainable_params", "total_params",
                 "trainable_fraction", "train_seconds", "train_samples_per_second", "train_tokens_per_second",
                 "peak_memory_mb"):

@@ -44,7 +44,7 @@ class TrainConfig:
     grad_accum: int = 1
     gradient_checkpointing: bool = False
     group_by_length: bool = True
-    warmup_ratio: float = 0.06
+    warmup_ratio: float | None = None  # None: the method's own (Method.warmup_ratio)
     weight_decay: float = 0.0
     logging_steps: int = 10
     save_steps: int = 200
@@ -167,7 +167,7 @@ def train(config: TrainConfig | None = None, **overrides) -> dict[str, Any]:
         num_train_epochs=config.epochs,
         learning_rate=method.learning_rate,
         weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_ratio,
+        warmup_steps=config.warmup_ratio if config.warmup_ratio is not None else method.warmup_ratio,
         lr_scheduler_type="linear",
         logging_steps=config.logging_steps,
         logging_first_step=True,
@@ -288,6 +288,7 @@ def train(config: TrainConfig | None = None, **overrides) -> dict[str, Any]:
         "steps": trainer.state.global_step,
         "effective_batch_size": effective_batch,
         "learning_rate": method.learning_rate,
+        "warmup_ratio": config.warmup_ratio if config.warmup_ratio is not None else method.warmup_ratio,
         "precision": precision,
         "device": hardware.device_type(),
         "train_seconds": train_seconds,

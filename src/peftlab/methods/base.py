@@ -66,6 +66,8 @@ class Method:
     summary: ClassVar[str] = ""
     kinds: ClassVar[tuple[str, ...]] = ALL_KINDS
     Options: ClassVar[type] = BaseOptions
+    # Fraction of the steps with linear learning-rate warm-up when --warmup-ratio is not given (RoBERTa's 6%).
+    warmup_ratio: ClassVar[float] = 0.06
 
     def __init__(self, options=None, **overrides):
         if options is None:

@@ -39,8 +39,9 @@ def backbone_biases(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 @dataclass
 class BitFitOptions(BaseOptions):
     learning_rate: float = option(
-        1e-3, "Peak learning rate. Bias-only training needs large rates: Ben Zaken et al. searched "
-              "1e-4, 4e-4, 7e-4 and 1e-3.")
+        5e-3, "Peak learning rate. Bias-only training needs large rates for short runs: measured on minilm + "
+              "SST-2 (2,000 examples x 3 epochs) 1e-3 0.749, 3e-3 0.773, 5e-3 0.783, 6e-3 collapses on one seed of "
+              "three; Ben Zaken et al. searched 1e-4..1e-3 over far longer runs.")
 
 
 class BitFit(TensorFileMethod):
@@ -51,6 +52,9 @@ class BitFit(TensorFileMethod):
              "Transformer-based Masked Language-models (ACL 2022, arXiv:2106.10199)")
     summary = "only the bias terms (and the task head) train"
     Options = BitFitOptions
+    # 10% warm-up (BERT's): at lr 5e-3 it lifted the 3-seed mean on minilm + SST-2 from 0.773 to 0.784 (seeds
+    # 42/1/2: 0.783/0.774/0.761 -> 0.795/0.774/0.783); high bias-only rates destabilise the first steps.
+    warmup_ratio = 0.1
 
     def check_supported(self, model, kind):
         super().check_supported(model, kind)

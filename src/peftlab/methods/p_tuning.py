@@ -19,7 +19,9 @@ from peftlab.methods.prompt_tuning import INPUT_PROMPT_KINDS, PromptLearningMeth
 
 @dataclass
 class PTuningOptions(BaseOptions):
-    learning_rate: float = option(1e-3, "Peak learning rate (peft's P-tuning sequence-classification guide).")
+    learning_rate: float = option(
+        3e-2, "Peak learning rate. Measured (minilm + SST-2, 2,000 examples x 3 epochs): 1e-3 (peft's P-tuning "
+              "guide, written for 20 epochs) stays at the majority class, 3e-3 0.671, 1e-2 0.726, 3e-2 0.744.")
     num_virtual_tokens: int = option(20, "Number of virtual tokens prepended to every input (peft's P-tuning guide).")
     encoder: str = option(
         "MLP", "Prompt encoder: 'MLP' (three linear layers with ReLU; peft's default and recommendation) or "

@@ -26,8 +26,9 @@ CLASSIFICATION_KINDS = ("seq-cls", "token-cls")
 @dataclass
 class PrefixTuningOptions(BaseOptions):
     learning_rate: float = option(
-        1e-2, "Peak learning rate (peft's prefix-tuning guide; the paper's 5e-5 was for GPT-2 Medium trained "
-              "10 epochs at batch size 5).")
+        3e-4, "Peak learning rate. Measured (minilm + SST-2, 2,000 examples x 3 epochs): peft's guide's 1e-2 and "
+              "3e-3 collapse to the majority class, 1e-3 does on one seed of three, 3e-4 reaches 0.71-0.73 on every "
+              "seed tried (Li & Liang used 5e-5 for GPT-2 Medium over 10 epochs).")
     num_virtual_tokens: int = option(
         20, "Prefix length: key/value pairs added to every layer (peft's guide; the paper used 10 for "
             "table-to-text and 200 for summarisation).")
