@@ -25,7 +25,8 @@ from typing import Any
 from peftlab.errors import PeftlabError
 
 MANIFEST = "peftlab.json"
-PEFT_TASK_KINDS = {"SEQ_CLS": "seq-cls", "TOKEN_CLS": "token-cls", "CAUSAL_LM": "causal-lm", "SEQ_2_SEQ_LM": "seq2seq"}
+PEFT_TASK_KINDS = {"SEQ_CLS": "seq-cls", "TOKEN_CLS": "token-cls", "CAUSAL_LM": "causal-lm", "SEQ_2_SEQ_LM": "seq2seq",
+                   "QUESTION_ANS": "qa"}
 PEFT_METHODS = {"LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt-tuning", "PREFIX_TUNING": "prefix-tuning",
                 "P_TUNING": "p-tuning"}
 

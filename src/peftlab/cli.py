@@ -21,7 +21,7 @@ from peftlab.errors import PeftlabError
 _FLAG_NAMES = {"lr": "--lr", "output": "--output"}
 _HELP = {
     "method": "PEFT method (see `peftlab methods`)",
-    "task": "task name: sst2, mrpc, cola, rte, qnli, qqp, mnli, stsb, wnli, conll2003, imdb, alpaca, or csv/tsv/jsonl for your own files",
+    "task": "task name: sst2, mrpc, cola, rte, qnli, qqp, mnli, stsb, wnli, conll2003, imdb, alpaca, squad, or csv/tsv/jsonl for your own files",
     "model": "Hub id, local folder, or a bundled offline model: minilm, smollm2",
     "output": "run folder (default runs/<method>-<task>)",
     "epochs": "training epochs (fractions allowed)",
@@ -162,9 +162,19 @@ def cmd_eval(args, extra):
 def cmd_predict(args, extra):
     from peftlab.inference import load_trained, predict, read_inputs
 
-    if bool(args.text) == bool(args.input):
-        raise PeftlabError("Give either --text \"...\" (repeatable) or --input file.jsonl, not both or neither.")
-    inputs = args.text if args.text else read_inputs(args.input)
+    given = [flag for flag, value in (("--text", args.text), ("--input", args.input),
+                                      ("--question/--context", args.question or args.context)) if value]
+    if len(given) != 1:
+        raise PeftlabError("Give one kind of input, not both or neither: --text \"...\" (repeatable), --input "
+                           "file.jsonl, or --question \"...\" (repeatable) with --context \"...\" (question "
+                           f"answering); got {' and '.join(given) if given else 'none'}.")
+    if args.question or args.context:
+        if not (args.question and args.context):
+            raise PeftlabError("--question and --context go together: give the question(s) with --question and the "
+                               "passage that contains the answer with --context.")
+        inputs = [{"question": question, "context": args.context} for question in args.question]
+    else:
+        inputs = args.text if args.text else read_inputs(args.input)
     loaded = load_trained(args.adapter)
     for result in predict(loaded, inputs, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens):
         print(json.dumps(result, ensure_ascii=False))
@@ -283,7 +293,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, set[str]]]:
     sub = commands.add_parser("predict", help="predict with a trained adapter")
     sub.add_argument("--adapter", required=True, help="a train --output folder or a peft adapter folder")
     sub.add_argument("--text", action="append", help="an input text (repeatable)")
-    sub.add_argument("--input", help="a JSON Lines file: one {\"text\": ...} (or tokens / instruction) per line")
+    sub.add_argument("--input", help="a JSON Lines file: one {\"text\": ...} (or tokens / instruction, or "
+                                     "question and context) per line")
+    sub.add_argument("--question", action="append",
+                     help="question answering: a question about --context (repeatable)")
+    sub.add_argument("--context", help="question answering: the passage the answers are taken from")
     sub.add_argument("--batch-size", type=int, default=32)
     sub.add_argument("--max-new-tokens", type=int, default=64, help="for generative models")
     sub.set_defaults(handler=cmd_predict)

@@ -162,6 +162,10 @@ def export(*, adapter: str | os.PathLike | None = None, model: str | os.PathLike
         merged, source_type = True, "model"
         method = None
     kind = manifest.kind
+    if kind == "qa":
+        raise PeftlabError("ONNX export of extractive question-answering (qa) models is not supported by peftlab "
+                           "(their two span outputs need their own post-processing): use `peftlab predict`, or "
+                           "`peftlab merge` and load the merged folder with transformers.")
     if kind == "seq2seq":
         raise PeftlabError("ONNX export of encoder-decoder (seq2seq) models is not supported by peftlab: export "
                            "seq-cls, token-cls or causal-lm models.")

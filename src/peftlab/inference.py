@@ -111,12 +111,20 @@ def evaluate(adapter: str | Path, *, task: str | None = None, data_dir: str | No
         "metric_name": task_object.metric_name,
         "metric": scores[task_object.metric_name],
         "metrics": scores,
-        "eval_examples": len(dev),
+        "eval_examples": len(dev_raw),  # questions, for qa (whose long contexts give several features each)
         "eval_seconds": time.perf_counter() - started,
     }
 
 
 def _normalize_input(record: Any, kind: str, where: str) -> dict[str, Any]:
+    if kind == "qa":
+        fields = {key: record.get(key) if isinstance(record, dict) else None for key in ("question", "context")}
+        missing = [key for key, value in fields.items() if not isinstance(value, str) or not value.strip()]
+        if missing:
+            raise PeftlabError(f"{where}: a question-answering adapter needs a non-empty 'question' and 'context' "
+                               f"(missing: {', '.join(missing)}); on the command line use --question ... --context "
+                               "..., in a JSON Lines file {\"question\": ..., \"context\": ...} per line.")
+        return fields
     if isinstance(record, str):
         record = {"text": record}
     if not isinstance(record, dict):
@@ -146,7 +154,9 @@ def _normalize_input(record: Any, kind: str, where: str) -> dict[str, Any]:
 
 def predict(adapter: str | Path | Loaded, inputs: list[Any], *, batch_size: int = 32, max_new_tokens: int = 64,
             precision: str = "fp32") -> list[dict[str, Any]]:
-    """Predictions for raw inputs: strings, or dicts with text/text_pair, tokens, instruction/prompt."""
+    """Predictions for raw inputs: strings, or dicts with text/text_pair, tokens, instruction/prompt, or
+    question/context (extractive QA: the answer span, its probability among the best candidates and its
+    character offsets in the context)."""
     import torch
 
     from peftlab.hardware import autocast, resolve_precision
@@ -162,6 +172,8 @@ def predict(adapter: str | Path | Loaded, inputs: list[Any], *, batch_size: int 
     resolved = resolve_precision(precision)
     results: list[dict[str, Any]] = []
     max_length = loaded.manifest.max_length
+    if kind == "qa":
+        return _answer_questions(loaded, records, batch_size=batch_size, precision=resolved)
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
         with torch.no_grad(), autocast(resolved):
@@ -199,6 +211,21 @@ def predict(adapter: str | Path | Loaded, inputs: list[Any], *, batch_size: int 
             else:
                 results.extend(_generate(loaded, chunk, max_new_tokens, device))
     return results
+
+
+def _answer_questions(loaded: Loaded, records: list[dict], *, batch_size: int, precision: str) -> list[dict]:
+    """Extractive QA: the same windows and span search as ``peftlab eval`` (preprocess + evaluation)."""
+    import datasets
+
+    from peftlab.evaluation import qa_answers
+    from peftlab.preprocess import tokenize
+
+    raw = datasets.Dataset.from_list(records)
+    features = tokenize(raw, "qa", loaded.tokenizer, max_length=loaded.manifest.max_length, label_names=None,
+                        with_labels=False)
+    answers = qa_answers(loaded.model, loaded.tokenizer, features, [r["context"] for r in records],
+                         batch_size=batch_size, precision=precision)
+    return [{"question": r["question"], **answer} for r, answer in zip(records, answers)]
 
 
 def _entities(tokens: list[str], tags: list[str]) -> list[dict[str, Any]]:

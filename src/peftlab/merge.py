@@ -94,6 +94,9 @@ def sample_records(manifest: RunManifest, count: int, data_dir: str | None = Non
         records = [{"prompt": t} for t in texts]
     elif kind == "seq2seq":
         records = [{"source": t} for t in texts]
+    elif kind == "qa":  # each text asked about with another one as the question
+        records = [{"question": SYNTHETIC_TEXTS[(i + 7) % len(SYNTHETIC_TEXTS)], "context": t}
+                   for i, t in enumerate(texts)]
     else:
         records = [{"text": t, "text_pair": None} for t in texts]
     return records, f"{len(records)} synthetic texts (the task's dev set was not available)"
@@ -106,6 +109,8 @@ def _record_from_example(row: dict, kind: str) -> dict:
         return {"prompt": row["prompt"]}
     if kind == "seq2seq":
         return {"source": row["source"]}
+    if kind == "qa":
+        return {"question": row["question"], "context": row["context"]}
     return {"text": row["text"], "text_pair": row.get("text_pair")}
 
 
@@ -121,6 +126,13 @@ def encode_records(tokenizer, kind: str, records: list[dict], max_length: int) -
         encoded = dict(tokenizer([r["source"] for r in records], truncation=True, max_length=max_length,
                                  padding=True, return_tensors="pt"))
         return encoded
+    if kind == "qa":  # every window of every context (long contexts give several rows), as predict sees them
+        from peftlab.preprocess import encode_qa
+
+        windows = encode_qa(tokenizer, [r["question"] for r in records], [r["context"] for r in records],
+                            max_length=max_length)
+        inputs = {k: windows[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in windows}
+        return dict(tokenizer.pad(inputs, return_tensors="pt"))
     pairs = [r.get("text_pair") for r in records]
     has_pairs = any(p is not None for p in pairs)
     return dict(tokenizer([r["text"] for r in records], [p or "" for p in pairs] if has_pairs else None,
@@ -128,7 +140,8 @@ def encode_records(tokenizer, kind: str, records: list[dict], max_length: int) -
 
 
 def model_logits(model, encoded: dict, kind: str):
-    """float32 logits on CPU for encoded inputs (seq2seq: teacher-forced on a short decoder prefix)."""
+    """float32 logits on CPU for encoded inputs (seq2seq: teacher-forced on a short decoder prefix; qa: start and
+    end logits stacked on a last axis of 2)."""
     import torch
 
     from peftlab.evaluation import model_device
@@ -141,7 +154,10 @@ def model_logits(model, encoded: dict, kind: str):
         inputs["decoder_input_ids"] = torch.cat(
             [torch.full((prefix.shape[0], 1), int(start), dtype=prefix.dtype, device=device), prefix], dim=1)
     with torch.no_grad():
-        return model(**inputs).logits.float().cpu()
+        outputs = model(**inputs)
+    if kind == "qa":  # (batch, tokens, 2): start and end logits side by side
+        return torch.stack([outputs.start_logits, outputs.end_logits], dim=-1).float().cpu()
+    return outputs.logits.float().cpu()
 
 
 def max_abs_difference(reference, other, encoded: dict, kind: str) -> float:
@@ -152,7 +168,7 @@ def max_abs_difference(reference, other, encoded: dict, kind: str) -> float:
         raise PeftlabError(f"merged and unmerged outputs have different shapes ({tuple(other.shape)} vs "
                            f"{tuple(reference.shape)}).")
     difference = (reference - other).abs()
-    if kind in ("token-cls", "causal-lm") and "attention_mask" in encoded and difference.dim() == 3:
+    if kind in ("token-cls", "causal-lm", "qa") and "attention_mask" in encoded and difference.dim() == 3:
         mask = encoded["attention_mask"].bool()
         difference = difference[mask]
     if difference.numel() == 0:

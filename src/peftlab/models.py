@@ -27,6 +27,7 @@ AUTO_CLASSES = {
     "token-cls": "AutoModelForTokenClassification",
     "causal-lm": "AutoModelForCausalLM",
     "seq2seq": "AutoModelForSeq2SeqLM",
+    "qa": "AutoModelForQuestionAnswering",  # extractive QA: a start/end span head on every token
 }
 
 

@@ -224,8 +224,8 @@ def train(config: TrainConfig | None = None, **overrides) -> dict[str, Any]:
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # ProgressBar and JsonlLogger report instead
-    if task.kind in ("seq-cls", "token-cls"):
-        # Classification heads (BERT's among them) average their own loss and ignore the
+    if task.kind in ("seq-cls", "token-cls", "qa"):
+        # Classification and QA span heads (BERT's among them) average their own loss and ignore the
         # num_items_in_batch the Trainer passes to any forward with **kwargs; the Trainer then takes
         # that mean for a sum: it multiplies it by world_size (DDP) and skips the division by
         # grad_accum, so losses and gradients come out N times too large. A mean per rank,
@@ -283,7 +283,7 @@ def train(config: TrainConfig | None = None, **overrides) -> dict[str, Any]:
         "total_params": total,
         "trainable_fraction": trainable / total,
         "train_examples": len(prepared.train_data),
-        "eval_examples": len(prepared.dev_data),
+        "eval_examples": len(prepared.dev_raw),  # questions for qa (a long context gives several features)
         "epochs": config.epochs,
         "steps": trainer.state.global_step,
         "effective_batch_size": effective_batch,

@@ -32,6 +32,7 @@ from torch import nn
 
 from peftlab.errors import PeftlabError
 from peftlab.methods.base import (
+    HEAD_KINDS,
     BaseOptions,
     Method,
     head_modules,
@@ -44,7 +45,7 @@ from peftlab.methods.base import (
 
 CONFIG_NAME = "peftlab_adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-CLASSIFICATION_KINDS = ("seq-cls", "token-cls")
+CLASSIFICATION_KINDS = HEAD_KINDS  # kinds with a newly initialised task head (QA's span head included)
 FORMAT_VERSION = 1
 
 

@@ -32,7 +32,7 @@ from torch import nn
 from peftlab.errors import PeftlabError
 
 CATEGORIES = ("reparameterization", "additive", "selective", "full")
-ALL_KINDS = ("seq-cls", "token-cls", "causal-lm", "seq2seq")
+ALL_KINDS = ("seq-cls", "token-cls", "causal-lm", "seq2seq", "qa")
 
 # peft's TaskType per peftlab task kind
 PEFT_TASK_TYPES = {
@@ -40,10 +40,13 @@ PEFT_TASK_TYPES = {
     "token-cls": "TOKEN_CLS",
     "causal-lm": "CAUSAL_LM",
     "seq2seq": "SEQ_2_SEQ_LM",
+    "qa": "QUESTION_ANS",
 }
 
-# Task heads that are newly initialised for classification and so always trained.
+# Task heads that are newly initialised for classification and QA and so always trained.
 HEAD_NAMES = ("classifier", "score", "classification_head", "qa_outputs")
+# The task kinds whose model gets such a new head (sequence/token classification, extractive QA's span head).
+HEAD_KINDS = ("seq-cls", "token-cls", "qa")
 
 
 def option(default, help: str, **extra):
@@ -220,8 +223,10 @@ class PeftMethod(Method):
     def apply(self, model, kind):
         from peft import get_peft_model
 
+        from peftlab.methods.compat import add_qa_token_type_compat
+
         self.check_supported(model, kind)
-        return get_peft_model(model, self.peft_config(model, kind))
+        return add_qa_token_type_compat(get_peft_model(model, self.peft_config(model, kind)))
 
     def save(self, model, directory):
         directory = Path(directory)
@@ -231,12 +236,16 @@ class PeftMethod(Method):
     def load(self, base_model, directory, kind):
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(base_model, str(directory), is_trainable=False)
+        from peftlab.methods.compat import add_qa_token_type_compat
+
+        return add_qa_token_type_compat(PeftModel.from_pretrained(base_model, str(directory), is_trainable=False))
 
     def merge(self, model):
         if not self.mergeable:
             return super().merge(model)
-        return model.merge_and_unload()
+        from peftlab.methods.compat import remove_qa_token_type_compat
+
+        return remove_qa_token_type_compat(model.merge_and_unload())
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

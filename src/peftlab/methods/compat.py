@@ -6,12 +6,13 @@ Prefix tuning hands every attention layer extra key/value pairs through the mode
 transformers 5 renamed the forward argument that carries that cache from ``past_key_values`` to
 ``cache`` (the old name survives only as a deprecated alias, ``@deprecate_kwarg("past_key_values",
 "5.40.0", new_name="cache")``, which is invisible to ``inspect.signature``). peft 0.21.2's
-``PeftModelForSequenceClassification`` / ``PeftModelForTokenClassification._prefix_tuning_forward``
+``PeftModelForSequenceClassification`` / ``PeftModelForTokenClassification`` /
+``PeftModelForQuestionAnswering._prefix_tuning_forward``
 still look for a parameter literally named ``past_key_values``: first in the task model's forward
 (``BertForSequenceClassification.forward(..., **kwargs)`` has none), then in the backbone's
 (``BertModel.forward`` now says ``cache``), and give up with "Model does not support past key values
 which are required for prefix tuning." The causal-LM and seq2seq paths of peft pass the prefix
-without that check, so only classification is affected.
+without that check, so only classification and extractive QA (the span head) are affected.
 
 The model itself still supports the prefix: ``BertForSequenceClassification`` forwards ``**kwargs``
 to ``BertModel``, whose self-attention concatenates ``cache`` keys/values in front of the token's own
@@ -30,7 +31,7 @@ import types
 
 from torch import nn
 
-from peftlab.methods.base import head_modules, model_family
+from peftlab.methods.base import HEAD_KINDS, head_modules, model_family
 
 _MARK = "_peftlab_prefix_compat"
 _PREVIOUS = "_peftlab_prefix_compat_previous_forward"
@@ -113,6 +114,62 @@ def remove_prefix_compat(model: nn.Module) -> nn.Module:
     return model
 
 
+# ---- token_type_ids on extractive QA -----------------------------------------------------------------
+#
+# peft 0.21.2's PeftModelForQuestionAnswering.forward names `token_type_ids` as a parameter and then never
+# passes it on (neither to the tuned model nor on the prompt-learning paths), so a BERT span model under
+# LoRA, (IA)3 or a prefix silently runs with every segment id 0 while run_qa.py, peftlab's own methods
+# and the merged model give the question segment 0 and the context segment 1. Measured on a trained
+# MiniLM LoRA: merged and unmerged span logits differed by 0.33. add_qa_token_type_compat hands the ids
+# the caller gave to the underlying transformers model (a forward pre-hook that fills in
+# `token_type_ids` when the wrapped call did not pass any and the shapes match the input ids).
+
+_QA_MARK = "_peftlab_qa_token_type_compat"
+_QA_HOOK = "_peftlab_qa_token_type_hook"
+
+
+def add_qa_token_type_compat(peft_model: nn.Module) -> nn.Module:
+    """Make a peft QA model pass ``token_type_ids`` on to its base model (in place; idempotent)."""
+    if getattr(peft_model, _QA_MARK, False) or type(peft_model).__name__ != "PeftModelForQuestionAnswering":
+        return peft_model
+    base = peft_model.get_base_model()
+    pending: dict = {}
+
+    def pre_hook(module, args, kwargs):
+        token_type_ids = pending.get("token_type_ids")
+        if token_type_ids is None or kwargs.get("token_type_ids") is not None:
+            return None
+        reference = kwargs.get("input_ids")
+        if reference is None:
+            reference = kwargs.get("inputs_embeds")
+        if reference is None or tuple(reference.shape[:2]) != tuple(token_type_ids.shape):
+            return None  # virtual tokens were prepended: the ids no longer line up (prompt tuning refuses qa)
+        return args, {**kwargs, "token_type_ids": token_type_ids}
+
+    original = peft_model.forward
+
+    def forward(self, *args, **kwargs):
+        pending["token_type_ids"] = kwargs.get("token_type_ids")  # the Trainer and peftlab pass keywords
+        try:
+            return original(*args, **kwargs)
+        finally:
+            pending.clear()
+
+    forward.__signature__ = inspect.signature(original)
+    base.__dict__[_QA_HOOK] = base.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    peft_model.forward = types.MethodType(forward, peft_model)
+    setattr(peft_model, _QA_MARK, True)
+    return peft_model
+
+
+def remove_qa_token_type_compat(model: nn.Module) -> nn.Module:
+    """Drop the hook :func:`add_qa_token_type_compat` left on a base model (after merging, say)."""
+    handle = model.__dict__.pop(_QA_HOOK, None)
+    if handle is not None:
+        handle.remove()
+    return model
+
+
 # ---- generate() with prompt-learning methods under transformers 5 -------------------------------
 #
 # transformers 5's generation loop keeps the key/value cache under the name `cache` (in the kwargs it
@@ -183,8 +240,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def head_parameter_count(model: nn.Module, kind: str) -> int:
-    """Parameters of the task head that peft trains as a copy (``modules_to_save``) for classification."""
-    if kind not in ("seq-cls", "token-cls"):
+    """Parameters of the task head that peft trains as a copy (``modules_to_save``) for classification and QA."""
+    if kind not in HEAD_KINDS:
         return 0
     total = 0
     for module in head_modules(unwrap(model)).values():

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peftlab.methods.base import BaseOptions, PeftMethod, head_modules, linear_shape, option, PEFT_TASK_TYPES
+from peftlab.methods.base import (HEAD_KINDS, BaseOptions, PeftMethod, head_modules, linear_shape, option,
+                                  PEFT_TASK_TYPES)
 
 
 @dataclass
@@ -67,7 +68,7 @@ class LoRA(PeftMethod):
 
 def _head_parameters(peft_model, kind) -> int:
     """Parameters of the trained copy of the task head (peft's modules_to_save)."""
-    if kind not in ("seq-cls", "token-cls"):
+    if kind not in HEAD_KINDS:
         return 0
     base = peft_model.get_base_model()
     return sum(p.numel() for module in head_modules(base).values() for p in module.parameters()

@@ -20,7 +20,7 @@ from peftlab.methods.compat import (add_prefix_compat, describe_model, head_para
                                     prefix_cache_reachable, prompt_learning_dims)
 from peftlab.methods.prompt_tuning import PromptLearningMethod
 
-CLASSIFICATION_KINDS = ("seq-cls", "token-cls")
+CLASSIFICATION_KINDS = ("seq-cls", "token-cls", "qa")  # peft checks the forward signature (see compat.py)
 
 
 @dataclass

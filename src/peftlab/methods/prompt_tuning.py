@@ -21,6 +21,11 @@ _TOKEN_CLS_WHY = (
     "per-token labels no longer line up; use p-tuning-v2 (a per-layer prefix that keeps the sequence length) "
     "for token classification."
 )
+_QA_WHY = (
+    "its virtual tokens are prepended to the input, which shifts every token by {n} positions, so the answer's "
+    "start/end positions no longer point at the context tokens; use p-tuning-v2 (a per-layer prefix that keeps "
+    "the sequence length) for question answering."
+)
 
 
 class PromptLearningMethod(PeftMethod):
@@ -35,8 +40,9 @@ class PromptLearningMethod(PeftMethod):
 
     def check_supported(self, model, kind):
         if kind not in self.kinds:
-            why = (_TOKEN_CLS_WHY.format(n=self.options.num_virtual_tokens) if kind == "token-cls"
-                   else f"it supports only {', '.join(self.kinds)} tasks.")
+            n = self.options.num_virtual_tokens
+            why = {"token-cls": _TOKEN_CLS_WHY.format(n=n), "qa": _QA_WHY.format(n=n)}.get(
+                kind, f"it supports only {', '.join(self.kinds)} tasks.")
             raise PeftlabError(f"Method '{self.name}' cannot run {kind} on {describe_model(model)}: {why}")
 
     def apply(self, model, kind):

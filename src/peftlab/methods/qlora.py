@@ -28,7 +28,8 @@ import torch
 
 from peftlab.errors import PeftlabError
 from peftlab.methods.base import HEAD_NAMES, PEFT_TASK_TYPES, BaseOptions, PeftMethod, head_modules, linear_shape, option
-from peftlab.methods.compat import describe_model, head_parameter_count, is_linear, iter_layers, unwrap
+from peftlab.methods.compat import (add_qa_token_type_compat, describe_model, head_parameter_count, is_linear,
+                                    iter_layers, unwrap)
 
 # Modules kept in full precision: task heads (newly initialised, trained in full; quantising them fails
 # with "only Tensors of floating point dtype can require gradients") and the LM output layer.
@@ -145,7 +146,7 @@ class QLoRA(PeftMethod):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=bool(self.options.gradient_checkpointing),
             gradient_checkpointing_kwargs={"use_reentrant": False})
-        return get_peft_model(model, self.peft_config(model, kind))
+        return add_qa_token_type_compat(get_peft_model(model, self.peft_config(model, kind)))
 
     def load(self, base_model, directory, kind):
         from peft import PeftModel, prepare_model_for_kbit_training
@@ -155,7 +156,7 @@ class QLoRA(PeftMethod):
         keep_cpu_compute_in_float32(base_model)
         # the same dtype casts as in training (non-quantised half-precision weights -> float32), frozen
         base_model = prepare_model_for_kbit_training(base_model, use_gradient_checkpointing=False)
-        return PeftModel.from_pretrained(base_model, str(directory), is_trainable=False)
+        return add_qa_token_type_compat(PeftModel.from_pretrained(base_model, str(directory), is_trainable=False))
 
     def merge(self, model):
         """A float32 transformers model with B·A folded in (see the module docstring). Consumes ``model``."""

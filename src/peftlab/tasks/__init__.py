@@ -20,6 +20,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "billsum": ("peftlab.tasks.billsum", "BillsumTask"),
     "guanaco": ("peftlab.tasks.guanaco", "GuanacoTask"),
     "imdb-gen": ("peftlab.tasks.imdb_gen", "ImdbGenTask"),
+    "squad": ("peftlab.tasks.squad", "SquadTask"),
     # the user's own files: --task csv|tsv|jsonl --train-file ... --text-column ... --label-column ...
     "csv": ("peftlab.tasks.files", "FileTask"),
     "tsv": ("peftlab.tasks.files", "FileTask"),

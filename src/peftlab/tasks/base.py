@@ -10,6 +10,7 @@ kind           columns
 ``token-cls``  ``tokens`` (list[str]), ``tags`` (list[str], IOB2)
 ``causal-lm``  ``prompt`` (str), ``response`` (str)
 ``seq2seq``    ``source`` (str), ``target`` (str)
+``qa``         ``id`` (str), ``question`` (str), ``context`` (str), ``answers`` ({``text``: [str], ``answer_start``: [int]})
 =============  ==============================================================================
 
 Labels stay strings here; the label <-> id mapping is decided once from the task (fixed label sets
@@ -25,7 +26,7 @@ from typing import Any, Callable
 
 from peftlab.errors import PeftlabError
 
-TASK_KINDS = ("seq-cls", "token-cls", "causal-lm", "seq2seq")
+TASK_KINDS = ("seq-cls", "token-cls", "causal-lm", "seq2seq", "qa")
 SPLITS = ("train", "dev")
 DATA_DIR_ENV = "PEFTLAB_DATA_DIR"
 
