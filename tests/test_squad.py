@@ -293,8 +293,7 @@ def test_method_trains_reloads_and_merges_on_qa(name, tmp_path):
     method.save(model, tmp_path / "adapter")
     reloaded = get_method(name).load(tiny_qa(method, tmp_path), tmp_path / "adapter", "qa")
     assert (span_logits(reloaded, batch) - expected).abs().max().item() <= RELOAD_ATOL
-    if name != "bitfit":  # bitfit.py's formula counts head weights for seq-cls/token-cls only (see the report)
-        assert count_parameters(model)[0] == method.trainable_parameters_formula(model, "qa")
+    assert count_parameters(model)[0] == method.trainable_parameters_formula(model, "qa")
     if method.mergeable:
         import transformers
 

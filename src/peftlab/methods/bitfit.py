@@ -15,7 +15,7 @@ from torch import nn
 
 from peftlab.errors import PeftlabError
 from peftlab.methods.adapter import TensorFileMethod, model_label, train_head
-from peftlab.methods.base import BaseOptions, head_modules, model_family, option
+from peftlab.methods.base import HEAD_KINDS, BaseOptions, head_modules, model_family, option
 
 LLAMA_FAMILY = ("llama", "mistral", "mixtral", "gemma", "gemma2", "gemma3", "gemma3_text", "smollm3", "olmo",
                 "olmo2", "phi3", "granite", "cohere", "deepseek_v3", "ministral")
@@ -97,7 +97,7 @@ class BitFit(TensorFileMethod):
                 seen.add(id(parameter))
                 biases += parameter.numel()
         head_weights = 0
-        if kind in ("seq-cls", "token-cls"):
+        if kind in HEAD_KINDS:
             head_weights = sum(p.numel() for module in head_modules(model).values()
                                for name, p in module.named_parameters() if not is_bias(name))
         return biases + head_weights
