@@ -210,3 +210,44 @@ def test_alpaca_prompt_template_used_by_predict():
     loaded = SimpleNamespace(manifest=SimpleNamespace(task="alpaca", task_options={}))
     assert inference.format_prompt(loaded, {"prompt": "Pick one.", "input": "red, green"}) == \
         format_prompt("Pick one.", "red, green")
+
+
+# ---- peftlab eval --generate: ROUGE-L of generated summaries -----------------------------------------
+
+
+def test_eval_generate_scores_billsum_with_rouge_l(tmp_path):
+    """Train LoRA on a tiny random T5 (the seq2seq code path; its summaries are noise), then `peftlab eval
+    --generate` in a fresh process: dev perplexity plus ROUGE-L of generated summaries, recomputable."""
+    import subprocess
+    import sys
+
+    import peftlab
+    from peftlab import labs
+
+    model_dir = labs.build_tiny_t5(tmp_path / "t5")
+    data = tmp_path / "data"
+    write_jsonl(data / "billsum" / "train.jsonl", BILLS * 8)
+    write_jsonl(data / "billsum" / "test.jsonl", BILLS)
+    run = tmp_path / "run"
+    peftlab.train(method="lora", task="billsum", model=str(model_dir), output=str(run), data_dir=str(data),
+                  epochs=1, batch_size=8, max_length=64, progress=False)
+    result = subprocess.run([sys.executable, "-m", "peftlab.cli", "eval", "--adapter", str(run), "--data-dir",
+                             str(data), "--generate", "2", "--max-new-tokens", "8"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    payload = json.loads(result.stdout)
+    assert payload["metric_name"] == "perplexity" and payload["metric"] > 1
+    generation = payload["generation"]
+    assert generation["examples"] == 2 and len(generation["samples"]) == 2
+    assert [s["reference"] for s in generation["samples"]] == [b["summary"] for b in BILLS]
+    scores = get_task("billsum").generation_metrics([s["generated"] for s in generation["samples"]],
+                                                    [s["reference"] for s in generation["samples"]])
+    assert generation["metrics"]["rougeL"] == pytest.approx(scores["rougeL"])
+    assert 0.0 <= scores["rougeL"] <= 1.0
+
+
+def test_generate_needs_a_generation_metric():
+    from peftlab.inference import generation_scores
+
+    with pytest.raises(PeftlabError, match=r"Task 'sst2' has no generation metric.*billsum"):
+        generation_scores(None, get_task("sst2"), [])

@@ -154,7 +154,8 @@ def cmd_eval(args, extra):
 
     task_options = {k: getattr(args, k) for k in _TASK_FLAGS if getattr(args, k, None) is not None}
     result = evaluate(args.adapter, task=args.task, data_dir=args.data_dir, max_eval_samples=args.max_eval_samples,
-                      batch_size=args.batch_size, precision=args.precision, task_options=task_options)
+                      batch_size=args.batch_size, precision=args.precision, task_options=task_options,
+                      generate=args.generate, max_new_tokens=args.max_new_tokens)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -286,6 +287,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, set[str]]]:
     sub.add_argument("--max-eval-samples", type=int, default=None)
     sub.add_argument("--batch-size", type=int, default=64)
     sub.add_argument("--precision", default="auto")
+    sub.add_argument("--generate", type=int, default=0, metavar="N",
+                     help="also generate for N dev examples and score the texts with the task's generation metric "
+                          "(billsum: ROUGE-L)")
+    sub.add_argument("--max-new-tokens", type=int, default=64, help="with --generate: tokens generated per example")
     for name, help_text in _TASK_FLAGS.items():
         sub.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text)
     sub.set_defaults(handler=cmd_eval)

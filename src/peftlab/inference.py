@@ -84,8 +84,10 @@ def _task_for(manifest: RunManifest, task: str | None, task_options: dict | None
 
 def evaluate(adapter: str | Path, *, task: str | None = None, data_dir: str | None = None,
              max_eval_samples: int | None = None, batch_size: int = 64, precision: str = "auto",
-             task_options: dict | None = None, loaded: Loaded | None = None) -> dict[str, Any]:
-    """Dev metrics of a trained adapter, reloaded from disk."""
+             task_options: dict | None = None, loaded: Loaded | None = None, generate: int = 0,
+             max_new_tokens: int = 64) -> dict[str, Any]:
+    """Dev metrics of a trained adapter, reloaded from disk. ``generate=N`` also generates for N dev examples
+    and scores the texts with the task's generation metric (BillSum: ROUGE-L), under ``"generation"``."""
     from peftlab import hardware
     from peftlab.evaluation import evaluate_model
     from peftlab.preprocess import tokenize
@@ -104,7 +106,7 @@ def evaluate(adapter: str | Path, *, task: str | None = None, data_dir: str | No
     started = time.perf_counter()
     scores = evaluate_model(loaded.model, task_object, loaded.tokenizer, dev, dev_raw, label_names=label_names,
                             batch_size=batch_size, precision=resolved)
-    return {
+    result = {
         "task": task_object.name,
         "method": loaded.manifest.method,
         "model": loaded.manifest.model,
@@ -114,6 +116,44 @@ def evaluate(adapter: str | Path, *, task: str | None = None, data_dir: str | No
         "eval_examples": len(dev_raw),  # questions, for qa (whose long contexts give several features each)
         "eval_seconds": time.perf_counter() - started,
     }
+    if generate:
+        result["generation"] = generation_scores(loaded, task_object, dev_raw.select(range(min(generate, len(dev_raw)))),
+                                                 max_new_tokens=max_new_tokens)
+    return result
+
+
+def generation_scores(loaded: Loaded, task, rows, *, max_new_tokens: int = 64) -> dict[str, Any]:
+    """Generate (greedily) for dev ``rows`` and score the texts with ``task.generation_metrics`` (BillSum:
+    ROUGE-L). Returns the scores, the number of examples and the generated/reference pairs."""
+    scorer = getattr(task, "generation_metrics", None)
+    if scorer is None or task.kind not in ("seq2seq", "causal-lm"):
+        having = [name for name in _task_names_safe() if callable(getattr(_task_class(name), "generation_metrics", None))]
+        raise PeftlabError(f"Task '{task.name}' has no generation metric to score generated text with "
+                           f"(tasks that have one: {', '.join(having)}); leave out --generate.")
+    source_key, target_key = ("source", "target") if task.kind == "seq2seq" else ("prompt", "response")
+    started = time.perf_counter()
+    outputs = predict(loaded, [{source_key: row[source_key]} for row in rows], max_new_tokens=max_new_tokens)
+    predictions = [output["generated"] for output in outputs]
+    references = [row[target_key] for row in rows]
+    return {"metrics": scorer(predictions, references), "examples": len(rows), "max_new_tokens": max_new_tokens,
+            "seconds": time.perf_counter() - started,
+            "samples": [{"reference": r, "generated": p} for r, p in zip(references, predictions)]}
+
+
+def _task_names_safe() -> list[str]:
+    """Registered tasks that build without options (the csv/tsv/jsonl ones need files)."""
+    from peftlab.tasks import task_names
+
+    return [name for name in task_names() if _task_class(name) is not None]
+
+
+def _task_class(name: str):
+    from peftlab.tasks import get_task
+
+    try:
+        return type(get_task(name))
+    except PeftlabError:
+        return None
 
 
 def _normalize_input(record: Any, kind: str, where: str) -> dict[str, Any]:
