@@ -380,6 +380,7 @@ def test_method_metadata(name, category, mergeable, lr):
     assert cls.category == category and cls.mergeable is mergeable and cls.paper and cls.summary
     assert get_method(name).learning_rate == lr
     assert cls.warmup_ratio == (0.1 if name == "bitfit" else 0.06)  # BitFit's high rate needs a longer warm-up
+    assert get_method_class("p-tuning").warmup_ratio == 0.1 and get_method_class("lora").warmup_ratio == 0.06
     assert all(f.metadata.get("help") for f in cls.option_fields())
     assert isinstance(get_method(name).inference_cost(), str)
 

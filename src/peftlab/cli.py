@@ -36,7 +36,7 @@ _HELP = {
     "grad_accum": "gradient accumulation steps",
     "gradient_checkpointing": "recompute activations in the backward pass to save memory",
     "group_by_length": "batch examples of similar length together (less padding)",
-    "warmup_ratio": "fraction of steps with linear learning-rate warm-up (default: the method's own: 0.06, BitFit 0.1)",
+    "warmup_ratio": "fraction of steps with linear learning-rate warm-up (default: the method's own: 0.06, BitFit and P-tuning 0.1)",
     "weight_decay": "AdamW weight decay",
     "logging_steps": "log every N optimizer steps",
     "save_steps": "write a checkpoint every N optimizer steps (for --resume)",
