@@ -23,8 +23,8 @@ What is compared
 * baseline: what the labs teach. ``transformers.Trainer`` on the model returned by the method's
   ``apply`` (``peft.get_peft_model`` for peft methods), every example padded to ``max_length=128``
   (``padding="max_length"``, ``default_data_collator``), fp32, batch 32, the Trainer's default AdamW,
-  random sampling. Learning rate, linear schedule with 6% warm-up, weight decay 0, epochs, examples
-  and seed are peftlab's, so that only the speed levers differ.
+  random sampling. Learning rate, linear schedule with the method's warm-up (6%; 10% for BitFit and
+  P-Tuning), weight decay 0, epochs, examples and seed are peftlab's, so that only the speed levers differ.
 * peftlab: ``peftlab.training.train`` with its defaults (``progress=False``, a temporary output).
 
 Both paths get identical examples: the same ``peftlab.training.prepare`` (task, seeded subset, model,
@@ -459,7 +459,7 @@ def run_baseline(spec: dict) -> dict:
             num_train_epochs=spec["epochs"],
             learning_rate=method.learning_rate,
             lr_scheduler_type="linear",
-            warmup_steps=0.06,
+            warmup_steps=method.warmup_ratio,  # the method's own, as peftlab's path uses
             weight_decay=0.0,
             seed=spec["seed"],
             data_seed=spec["seed"],
