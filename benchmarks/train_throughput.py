@@ -483,7 +483,7 @@ def run_baseline(spec: dict) -> dict:
     flop_model, useful, hardware = _probe_and_count(prepared, task.kind, lengths, BASELINE_MAX_LENGTH)
     from peftlab import hardware as _hardware
 
-    cross = _cross_eval(prepared, "bf16") if _hardware.bf16_supported() else {}
+    cross = _cross_eval(prepared, "bf16") if _hardware.bf16_supported() and not spec.get("quick") else {}
     epochs = spec["epochs"]
     examples = len(lengths) * epochs
     trainable, total = count_parameters(prepared.model)
@@ -592,7 +592,8 @@ def run_peftlab(spec: dict) -> dict:
     prepared = captured["prepared"]
     lengths = list(prepared.train_data["length"])
     flop_model, useful, _ = _probe_and_count(prepared, prepared.task.kind, lengths, None)
-    cross = {} if levers.get("frozen_bf16") or metrics["precision"] == "fp32" else _cross_eval(prepared, "fp32")
+    cross = ({} if spec.get("quick") or levers.get("frozen_bf16") or metrics["precision"] == "fp32"
+             else _cross_eval(prepared, "fp32"))
     epochs = spec["epochs"]
     result = {
         "path": "peftlab",
@@ -642,7 +643,19 @@ def worker(spec_path: str, result_path: str) -> None:
 
 # ---- the parent: runs the workers and reports -----------------------------------------------------
 
-def launch(spec: dict, workdir: Path, label: str, verbose: bool) -> dict:
+def launch(spec: dict, workdir: Path, label: str, verbose: bool, in_process: bool = False) -> dict:
+    """Run one path in its own subprocess (so that its peak RSS is its own), or, for --quick, in this process:
+    the smoke test then skips two interpreter start-ups, and its peak memory is the whole run's, not the path's.
+    In-process runs must go baseline first: the peftlab path patches Trainer.train to time it."""
+    if in_process:
+        started = time.perf_counter()
+        load_before = load_average()
+        result = (run_baseline if spec["path"] == "baseline" else run_peftlab)(spec)
+        result["peak_memory_mb"] = peak_rss_mb()  # this process so far (both paths, for --quick)
+        result["load_average"] = {"before": load_before, "after": load_average()}
+        result = json.loads(json.dumps(result))  # what a worker's result file would hold
+        result["process_seconds"] = time.perf_counter() - started
+        return result
     spec_path = workdir / f"{label}.spec.json"
     result_path = workdir / f"{label}.result.json"
     spec_path.write_text(json.dumps(spec))
@@ -799,6 +812,9 @@ def main(argv=None) -> int:
           + f" · load average {meta['load_average_start']}", flush=True)
 
     output: dict = {"benchmark": meta}
+    # --quick (the CI smoke test) runs both paths in this process; anything with levers keeps one process each
+    in_process = quick and not variants and not baseline_variants and not common_levers and not args.profile
+    meta["paths_in_own_process"] = not in_process
     with tempfile.TemporaryDirectory(prefix="peftlab-bench-") as tmp:
         workdir = Path(tmp)
         for method in methods:
@@ -820,9 +836,9 @@ def main(argv=None) -> int:
                     if path == "baseline" and repeat >= args.baseline_repeats:
                         continue
                     label = f"{method}-{re.sub(r'[^A-Za-z0-9_.+-]', '_', name)}-{repeat}"
-                    result = finish(launch({**spec, "path": path, "levers": levers,
+                    result = finish(launch({**spec, "path": path, "levers": levers, "quick": quick,
                                             "profile": args.profile if path == "peftlab" else 0},
-                                           workdir, label, args.verbose), peaks)
+                                           workdir, label, args.verbose, in_process=in_process), peaks)
                     runs[name].append(result)
                     print(summary_line(name, result) + (f"  (repeat {repeat + 1})" if args.repeats > 1 else ""),
                           flush=True)
