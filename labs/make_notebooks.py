@@ -43,7 +43,10 @@ class LabSpec:
     examples: list = field(default_factory=list)  # inputs for peftlab.predict in 03
     max_new_tokens: int = 32
     notes: str = ""  # extra markdown for 01 (what the offline variant stands in for)
-    extra: str = ""  # "judge" (imdb-gen), "t5" (tiny T5 + BillSum stand-in)
+    extra: str = ""  # "judge" (imdb-gen), "t5" (tiny T5 + BillSum stand-in), "deepspeed" (ZeRO run)
+    nproc: int = 0  # > 0: a distributed lab; 02 launches this many processes ($PEFTLAB_LAB_NPROC overrides)
+    reference: bool = False  # distributed labs: 02 also runs one process at the same global batch
+    merge_tolerance: float | None = None  # 04: merge's max |merged - unmerged| (None: merge's default, 1e-4)
 
 
 SST2_EXAMPLES = ["a gripping, funny and beautifully acted film", "the plot is thin and the jokes fall flat",
@@ -154,6 +157,37 @@ LABS = [
         offline="bundled `minilm` on SST-2, MRPC and CoNLL-2003 (`$PEFTLAB_DATA_DIR`)",
         kind="seq-cls", runs={"sst2": {}, "mrpc": {"task": "mrpc"}, "conll2003": {"task": "conll2003"}},
         examples=SST2_EXAMPLES),
+    LabSpec(
+        name="1.2-ddp", title="Data-parallel training (DDP): one run on N processes", method="lora",
+        idea=("**Distributed data parallel** (DDP) runs N copies of the same training process (ranks), one per "
+              "GPU (or, on a CPU, N processes sharing the cores). Every rank holds the whole model, takes its own "
+              "1/N of each global batch, computes gradients, and an all-reduce averages the gradients across the "
+              "ranks before every optimizer step, so all replicas stay identical. One step then sees "
+              "`batch_size × grad_accum × N` examples and an epoch has N times fewer steps: with N GPUs an epoch "
+              "takes about 1/N of the time. The ranks must be started together by a launcher (`torchrun`, here "
+              "through `peftlab train --nproc N`); they rendezvous, form a process group (NCCL on GPUs, gloo on "
+              "CPU), and only rank 0 prints, evaluates and saves. This lab trains LoRA on SST-2 with N = 2 and "
+              "compares it with one process at the same global batch."),
+        hub="`bert-base-uncased` + GLUE SST-2 (`--nproc N`, one GPU per process, NCCL)",
+        offline="bundled `minilm` + 4,000 SST-2 examples (`$PEFTLAB_DATA_DIR`), 2 gloo processes on the CPU",
+        kind="seq-cls", examples=SST2_EXAMPLES, nproc=2, reference=True),
+    LabSpec(
+        name="1.3-alpaca-deepspeed", title="Instruction tuning with DeepSpeed ZeRO-2", method="lora",
+        idea=("**DeepSpeed ZeRO** (Rajbhandari et al. 2020) is data parallelism without the redundancy: plain DDP "
+              "keeps the whole training state (weights, gradients, Adam's fp32 master weights and two moments) on "
+              "every rank; ZeRO partitions it across the N ranks. Stage 1 partitions the optimizer state, stage 2 "
+              "the gradients too (each rank reduces and keeps only its 1/N), stage 3 the weights as well (gathered "
+              "layer by layer when needed). Through the Hugging Face `Trainer` it is one option: "
+              "`deepspeed: zero2` in the recipe. This lab instruction-tunes a Llama-family decoder with LoRA on "
+              "Alpaca under ZeRO-2 on N = 2 ranks, shows the generated DeepSpeed config and the memory per rank "
+              "each stage would need, then reloads, merges and serves the adapter like any other."),
+        hub="`TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T` + `tatsu-lab/alpaca` (52k instructions, 512 "
+            "tokens), ZeRO-2, `--nproc N` GPUs",
+        offline="bundled `smollm2` (SmolLM2-135M-Instruct) + 200 examples of the Alpaca sample, 256 tokens, ZeRO-2 "
+                "on 2 gloo processes on the CPU",
+        kind="causal-lm", examples=[{"instruction": "Give three tips for staying healthy."},
+                                    {"instruction": "What is the capital of France?"}],
+        max_new_tokens=48, extra="deepspeed", nproc=2, merge_tolerance=1e-3),
 ]
 
 
@@ -168,6 +202,8 @@ def code(text: str):
 
 
 def setup_cell(lab: LabSpec):
+    nproc = (f"\nNPROC = lab.nproc({lab.nproc})  # data-parallel processes ($PEFTLAB_LAB_NPROC overrides)\n"
+             f"print('processes:', NPROC)") if lab.nproc else ""
     return code(f"""
 %matplotlib inline
 import json
@@ -180,8 +216,12 @@ from peftlab import labs
 
 lab = labs.Lab.open({lab.name!r})
 lab.describe()
-RUNS = {lab.runs!r}  # run name -> options that differ from the recipe
+RUNS = {lab.runs!r}  # run name -> options that differ from the recipe{nproc}
 """)
+
+
+def shell_command(lab: LabSpec) -> str:
+    return f"peftlab train --config labs/{lab.name}/recipe.offline.yaml" + (f" --nproc {lab.nproc}" if lab.nproc else "")
 
 
 def header(lab: LabSpec, stage: int, what: str) -> str:
@@ -204,7 +244,7 @@ def setup_notebook(lab: LabSpec):
 
 The notebooks run the offline recipe unless `PEFTLAB_LAB_RECIPE=hub`. Runs go to `runs/labs/{lab.name}/`
 (or `$PEFTLAB_LAB_OUTPUT`); `PEFTLAB_SMOKE=1` runs every cell on the smallest budgets (what the test
-suite does). The same recipe runs from a shell: `peftlab train --config labs/{lab.name}/recipe.offline.yaml`.
+suite does). The same recipe runs from a shell: `{shell_command(lab)}`.
 """),
     ]
     if lab.notes:
@@ -222,6 +262,20 @@ render(report)
         md("bf16 is a real speed lever where the hardware runs it natively (GPUs since Ampere, CPUs with "
            "AVX512-BF16/AMX); elsewhere peftlab trains in fp32 (`precision: auto`). A small matrix product in both:"),
         code("labs.device_check()"),
+    ]
+    if lab.nproc:
+        cells += [
+            md(f"""
+## Processes and devices
+
+This lab trains in `NPROC` processes (default {lab.nproc}; `PEFTLAB_LAB_NPROC` changes it). On GPUs each process
+needs a GPU of its own and the ranks talk over NCCL; on a CPU the processes share the cores (each gets
+`cores / NPROC` torch threads unless `OMP_NUM_THREADS` says otherwise) and talk over gloo. What that means on
+this machine:
+"""),
+            code("labs.distributed_report(NPROC)"),
+        ]
+    cells += [
         md("## The data\n\nEvery task is loaded into one normalised schema per task kind (classification: "
            "`text`/`text_pair`/`label`; tagging: `tokens`/`tags`; causal LM: `prompt`/`response`; seq2seq: "
            "`source`/`target`), so preprocessing never looks at a raw file layout."),
@@ -266,6 +320,8 @@ labs.plot_token_lengths(lengths, options.get("max_length", 128), title="token le
 
 
 def train_notebook(lab: LabSpec):
+    if lab.nproc:
+        return distributed_train_notebook(lab)
     multi = len(lab.runs) > 1
     cells = [
         md(f"""
@@ -301,6 +357,117 @@ for run, overrides in RUNS.items():
     return cells
 
 
+def distributed_train_notebook(lab: LabSpec):
+    deepspeed = lab.extra == "deepspeed"
+    cells = [
+        md(f"""
+{header(lab, 2, "Train")}
+
+A data-parallel run is `NPROC` processes started together by a launcher, so it cannot run inside this
+notebook's kernel (one process). `labs.launch(options, NPROC)` writes the options as a recipe beside the run
+folder and runs `peftlab train --config <that recipe>` under `torchrun` with `NPROC` ranks, exactly what
+`{shell_command(lab)}` does from a shell. It streams rank 0's output here (banner, progress bar, dev score
+after each epoch), waits for every rank to exit, and returns the wall time and `metrics.json`. The kernel stays
+out of the process group; interrupting it stops every rank.
+
+Rank 0 writes the usual run folder: `log.jsonl`, `metrics.json` (with `effective_batch_size` = batch per
+process × grad_accum × NPROC), `peftlab.json` and the adapter.
+"""),
+        setup_cell(lab),
+        code("""
+options = lab.options()
+print(json.dumps(options, default=str))
+labs.fresh_run(options["output"])  # re-running this notebook retrains
+launched = {}
+"""),
+    ]
+    if deepspeed:
+        cells += [
+            md("""
+## The DeepSpeed config
+
+`deepspeed: zero2` in the recipe is expanded by `peftlab.distributed.deepspeed_config` into the config below.
+Batch sizes, gradient accumulation, clipping and bf16/fp16 are `"auto"`: the `Trainer` fills them in from the
+recipe, so the two can never disagree. There is no optimizer section, so the `Trainer`'s AdamW and linear
+schedule are used, as in a run without DeepSpeed.
+"""),
+            code("""
+from peftlab.distributed import deepspeed_config
+
+print(json.dumps(deepspeed_config(options["deepspeed"], options.get("offload")), indent=1))
+"""),
+        ]
+    cells += [
+        md("## The distributed run"),
+        code("""
+launched[f"{NPROC} processes"] = labs.launch(options, NPROC, name="run")
+print(f"wall time {launched[f'{NPROC} processes']['wall_seconds']} s (start-up of every rank included)")
+"""),
+        md("## Monitoring\n\nTraining loss at every logging step and the dev metric after every epoch, read back "
+           "from `log.jsonl` (rank 0 logs the loss averaged over the ranks):"),
+        code(f"labs.plot_loss({{f'{{NPROC}} processes': lab.run_dir()}}, title={lab.title!r})"),
+        code("labs.summary({f'{NPROC} processes': lab.run_dir()})"),
+    ]
+    if lab.reference:
+        cells += [
+            md("""
+## One process at the same global batch
+
+The same recipe in **one** process with `batch_size` × NPROC, so that every optimizer step sees the same
+number of examples: same number of steps, same learning-rate schedule, the same loss curve up to dropout
+(the ranks draw their own dropout masks; with dropout off the per-step losses agree to about 1e-5). What can
+differ is speed. On N GPUs each rank does 1/N of the work of every step, so an epoch takes about 1/N of the
+time, minus the gradient all-reduce. On a CPU the processes share the same cores: one process already uses all
+of them (intra-op threads), so DDP can only win where one process cannot keep the cores busy, and the
+all-reduce and the per-rank start-up cost extra.
+"""),
+            code("""
+per_step = options["batch_size"] * options.get("grad_accum", 1) * NPROC
+reference = dict(lab.options("one-process"), batch_size=per_step)
+labs.fresh_run(reference["output"])
+launched["1 process"] = labs.launch(reference, 1, name="one-process")
+"""),
+            code("""
+table = labs.compare_runs(launched)
+display(table)
+labs.plot_comparison(table, title=f"{NPROC} processes vs 1 process, global batch {per_step}")
+"""),
+            code("labs.plot_loss({label: result['output'] for label, result in launched.items()}, "
+                 "title='same global batch')"),
+            md("The loss curves should lie on top of each other (same data order, same global batches); the dev "
+               "metric should agree within the noise of dropout. `launch wall s` includes what every process "
+               "pays before the first step (importing torch, loading the model, the rendezvous); `train s` "
+               "and examples/s count the training loop only."),
+        ]
+    if deepspeed:
+        cells += [
+            md("""
+## Memory per rank
+
+What ZeRO saves is memory, not time. The ZeRO paper's accounting of the model state per rank for this run
+(LoRA: the frozen base dominates, the trainable part is tiny) and for full fine-tuning of the same model, at
+this run's precision and number of ranks (activations and temporary buffers not included; docs/scaling.md has
+measured numbers). With LoRA, ZeRO-2 partitions almost nothing; ZeRO-3 splits the frozen base across the
+ranks. For full fine-tuning ZeRO-2 already removes most of the optimizer state from every rank.
+"""),
+            code("""
+m = labs.load_metrics(lab.run_dir())
+memory = labs.zero_memory(m["total_params"], m["trainable_params"], NPROC, m["precision"])
+display(memory)
+labs.plot_zero_memory(memory)
+"""),
+        ]
+    cells.append(md("Next: **03-Inference** reloads the adapter from disk, in this one process: inference needs "
+                    "no launcher."))
+    return cells
+
+
+DISTRIBUTED_INFERENCE = """
+The run was trained in several processes, but what rank 0 saved is an ordinary adapter (under DeepSpeed
+ZeRO the partitioned tensors are gathered before saving), so inference runs in this one process, no launcher.
+"""
+
+
 def inference_notebook(lab: LabSpec):
     first = next(iter(lab.runs))
     cells = [
@@ -309,7 +476,7 @@ def inference_notebook(lab: LabSpec):
 
 Reload the trained adapter from disk (base model + adapter, as a fresh process would), predict, score the dev
 set, and measure what the method costs at inference: latency at batch 1 and batch 32, adapter vs base model.
-"""),
+{DISTRIBUTED_INFERENCE if lab.nproc else ""}"""),
         setup_cell(lab),
         code(f"""
 RUN = lab.run_dir({first!r})
@@ -319,7 +486,7 @@ print(f"{{m.method}} on {{m.task}} ({{m.kind}}), base {{m.model}}; inference cos
 """),
         md("## Predictions"),
     ]
-    if lab.name == "01-lora-qlora":
+    if lab.name in ("01-lora-qlora", "1.3-alpaca-deepspeed"):
         cells.append(code(f"""
 from peftlab.tasks.alpaca import format_prompt
 
@@ -427,21 +594,39 @@ loaded = peftlab.load_trained(RUN)
 print(f"{{loaded.method.name}}: mergeable = {{loaded.method.mergeable}}")
 """),
     ]
+    if lab.extra == "deepspeed":
+        cells += [
+            md("## The adapter saved under ZeRO\n\nUnder ZeRO each rank holds only its partition of the training "
+               "state (under ZeRO-3 even of the weights), so saving the model as rank 0 sees it can write empty "
+               "or stale tensors, a classic failure of hand-written PEFT + DeepSpeed scripts. peftlab gathers the "
+               "full fp32 value of every trainable tensor on all ranks before rank 0 writes. Every tensor in the "
+               "saved adapter is complete:"),
+            code("""
+tensors = labs.adapter_tensors(RUN)
+display(tensors.head(6))
+print(f"{len(tensors)} tensors, {tensors['elements'].sum():,} values; empty: {int((tensors['elements'] == 0).sum())}, "
+      f"all-zero: {int((tensors['norm'] == 0).sum())} (LoRA's B matrices start at zero and must have moved)")
+"""),
+        ]
     if mergeable:
         cells += [
             md("## Merge and verify\n\n`merge` folds the adapter into a copy of the base, saves it, reloads the "
                "saved folder and checks that it reproduces the unmerged model's outputs (max |difference| within "
                "the tolerance), else it writes nothing."
                + (" For QLoRA the merge goes into a float32 copy of the base: folding B·A into 4-bit weights "
-                  "would re-quantise the sum and lose most of the update." if lab.method == "qlora" else "")),
+                  "would re-quantise the sum and lose most of the update." if lab.method == "qlora" else "")
+               + (f" The tolerance here is {lab.merge_tolerance:g} instead of merge's default 1e-4: a causal LM's "
+                  "logits reach about ±35 over a 49k-token vocabulary, and W·x + B·(A·x) and (W + B·A)·x round "
+                  "differently in float32 (measured on the offline recipe's run: 1.03e-4, a relative error of "
+                  "3e-6). A wrong merge is off by orders of magnitude more." if lab.merge_tolerance else "")),
             code("""
 merged_dirs = {}
 if merge is not None:
     for run in RUNS:
         merged_dirs[run] = lab.output / f"{run}-merged"
-        report = merge(lab.run_dir(run), merged_dirs[run], data_dir=lab.data_dir)
+        report = merge(lab.run_dir(run), merged_dirs[run], data_dir=lab.data_dir@TOLERANCE@)
         print({k: report[k] for k in ("method", "auto_class", "max_abs_diff", "tolerance", "samples")})
-"""),
+""".replace("@TOLERANCE@", f", tolerance={lab.merge_tolerance!r}" if lab.merge_tolerance else "")),
             md("The merged folder is a plain transformers model: load it **without peft** and compare predictions "
                "with the adapter's."),
             code(f"""

@@ -82,14 +82,21 @@ def test_notebooks_are_generated():
             assert notebook["metadata"]["kernelspec"]["name"] == "python3"
 
 
+def _open_lab(monkeypatch, name: str, output: Path):
+    """``labs.Lab.open(name)`` from inside its folder, runs under ``output``, offline recipe, no smoke."""
+    from peftlab import labs
+
+    monkeypatch.chdir(LABS_DIR / name)
+    monkeypatch.setenv("PEFTLAB_LAB_OUTPUT", str(output))
+    monkeypatch.delenv("PEFTLAB_SMOKE", raising=False)
+    monkeypatch.delenv("PEFTLAB_LAB_RECIPE", raising=False)
+    return labs.Lab.open(name)
+
+
 def test_lab_paths_follow_output(tmp_path, monkeypatch):
     from peftlab import labs
 
-    monkeypatch.chdir(LABS_DIR / "03-prompt-tuning")
-    monkeypatch.setenv("PEFTLAB_LAB_OUTPUT", str(tmp_path / "out"))
-    monkeypatch.delenv("PEFTLAB_SMOKE", raising=False)
-    monkeypatch.delenv("PEFTLAB_LAB_RECIPE", raising=False)
-    lab = labs.Lab.open("03-prompt-tuning")
+    lab = _open_lab(monkeypatch, "03-prompt-tuning", tmp_path / "out")
     assert lab.folder == LABS_DIR / "03-prompt-tuning" and lab.root == ROOT
     options = lab.options()
     assert options["model"] == str(tmp_path / "out" / "tiny-t5")
@@ -202,7 +209,8 @@ def executed(request, tmp_path_factory, data_dir):
     try:
         selected = _collected_labs(request)
         # the slowest labs first, so that two workers finish together
-        order = sorted(selected, key=lambda name: name not in ("01-lora-qlora", "08-p-tuning-v2", "04-prefix-tuning"))
+        order = sorted(selected, key=lambda name: name not in ("01-lora-qlora", "08-p-tuning-v2", "04-prefix-tuning",
+                                                             "1.2-ddp", "1.3-alpaca-deepspeed"))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             futures = {}
             for lab in order:
@@ -308,3 +316,78 @@ def test_optional_steps_degrade(capsys):
     assert "the step is skipped" in capsys.readouterr().out
     assert labs.optional("peftlab.labs", "no_such_function") is None
     assert labs.optional("peftlab.labs", "optional") is labs.optional
+
+
+# ---- the distributed labs' helpers (1.2 DDP, 1.3 DeepSpeed) ------------------------------------------
+
+def test_zero_memory_reproduces_the_zero_paper():
+    """7.5B parameters, mixed-precision Adam, 64 ranks: 120 / 31.4 / 16.6 / 1.9 GB per rank (Rajbhandari et al.)."""
+    from peftlab import labs
+
+    table = labs.zero_memory(7_500_000_000, 7_500_000_000, 64, "bf16")
+    gigabytes = [round(value * 2**20 / 1e9, 1) for value in table["this run (MiB/rank)"]]
+    assert gigabytes == [120.0, 31.4, 16.6, 1.9]
+    assert table["full fine-tuning (MiB/rank)"].tolist() == table["this run (MiB/rank)"].tolist()
+    # LoRA: the frozen base dominates; only ZeRO-3 partitions it. fp32 under ZeRO keeps a master copy (12 bytes)
+    lora = labs.zero_memory(1_000_000, 1_000, 2, "fp32")
+    mib = 2**20
+    assert lora.loc["DDP", "this run (MiB/rank)"] == round((4e6 + 4e3 + 8e3) / mib, 1)
+    assert lora.loc["ZeRO-2", "this run (MiB/rank)"] == round((4e6 + (4e3 + 12e3) / 2) / mib, 1)
+    assert lora.loc["ZeRO-3", "this run (MiB/rank)"] == round((4e6 + 4e3 + 12e3) / 2 / mib, 1)
+    figure = labs.plot_zero_memory(lora)
+    assert len(figure.axes) == 2 and len(figure.axes[0].patches) == 4
+
+
+def test_launch_recipe_round_trips_and_bad_launches_are_refused(tmp_path, monkeypatch):
+    from peftlab import labs
+    from peftlab.errors import PeftlabError
+    from peftlab.training import config_from_options, load_recipe
+
+    lab = _open_lab(monkeypatch, "1.3-alpaca-deepspeed", tmp_path / "out")
+    options = lab.options()
+    recipe = labs.write_recipe(options, tmp_path / "out" / "run.recipe.yaml", comment="test")
+    config = config_from_options(load_recipe(recipe))
+    assert config.deepspeed == "zero2" and config.model == "smollm2" and config.method_options["r"] == 16
+    assert config.output == str(tmp_path / "out" / "run")
+
+    assert lab.nproc(2) == 2
+    monkeypatch.setenv("PEFTLAB_LAB_NPROC", "4")
+    assert lab.nproc(2) == 4
+    monkeypatch.setenv("PEFTLAB_LAB_NPROC", "zero")
+    with pytest.raises(PeftlabError, match="PEFTLAB_LAB_NPROC"):
+        lab.nproc(2)
+    with pytest.raises(PeftlabError, match="positive"):
+        labs.launch(options, 0)
+    with pytest.raises(PeftlabError, match="output"):
+        labs.launch({"method": "lora"}, 1)
+    # a run that fails in the child: the error carries the end of its output
+    with pytest.raises(PeftlabError, match=r"failed \(exit code [1-9][\s\S]*no-such-method"):
+        labs.launch({"method": "no-such-method", "output": str(tmp_path / "bad")}, 1, echo=False)
+
+
+def test_comparison_and_adapter_tables(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from peftlab import labs
+
+    def result(nproc, batch, wall, train, speed, accuracy):
+        return {"nproc": nproc, "options": {"batch_size": batch}, "wall_seconds": wall,
+                "metrics": {"effective_batch_size": 32, "steps": 125, "train_seconds": train,
+                            "train_samples_per_second": speed, "metric_name": "accuracy", "metric": accuracy,
+                            "peak_memory_mb": 900.0}}
+
+    table = labs.compare_runs({"2 processes": result(2, 16, 60.0, 40.0, 100.0, 0.85),
+                               "1 process": result(1, 32, 50.0, 35.0, 114.3, 0.86)})
+    assert table.loc["2 processes", "processes"] == 2 and table.loc["1 process", "batch / process"] == 32
+    assert table["batch / step"].tolist() == [32, 32] and table["accuracy"].tolist() == [0.85, 0.86]
+    figure = labs.plot_comparison(table)
+    assert [round(p.get_height(), 2) for p in figure.axes[2].patches] == [0.85, 0.86]
+
+    (tmp_path / "adapter").mkdir()
+    save_file({"a": torch.ones(2, 3), "b": torch.zeros(4)}, str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    tensors = labs.adapter_tensors(tmp_path).set_index("tensor")
+    assert tensors.loc["a", "shape"] == (2, 3) and tensors.loc["a", "elements"] == 6
+    assert tensors.loc["b", "norm"] == 0.0 and abs(tensors.loc["a", "norm"] - 6 ** 0.5) < 1e-6
+    with pytest.raises(Exception, match="02-Train"):
+        labs.adapter_tensors(tmp_path / "missing")
