@@ -187,7 +187,7 @@ LABS = [
                 "on 2 gloo processes on the CPU",
         kind="causal-lm", examples=[{"instruction": "Give three tips for staying healthy."},
                                     {"instruction": "What is the capital of France?"}],
-        max_new_tokens=48, extra="deepspeed", nproc=2, merge_tolerance=1e-3),
+        max_new_tokens=48, extra="deepspeed", nproc=2),
 ]
 
 

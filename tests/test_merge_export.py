@@ -103,7 +103,11 @@ def test_merge_cli_prints_the_difference(runs, tmp_path, capsys, data_dir):
     assert main(["merge", "--adapter", str(runs["ia3"]), "--output", str(out), "--samples", "4"]) == 0
     printed = capsys.readouterr().out
     assert "max |merged - unmerged|" in printed and "from_pretrained" in printed
-    assert json.loads((out / "peftlab_merge.json").read_text())["samples"] == 4
+    report = json.loads((out / "peftlab_merge.json").read_text())
+    assert report["samples"] == 4
+    # the tolerance is relative to the outputs' scale (at least 1): allowed = 1e-4 x max(1, max |logit|)
+    assert report["output_scale"] >= 1 and report["allowed_abs_diff"] == pytest.approx(1e-4 * report["output_scale"])
+    assert report["max_abs_diff"] <= report["allowed_abs_diff"]
 
 
 def test_merge_fails_above_the_tolerance(runs, tmp_path, capsys, monkeypatch):

@@ -326,7 +326,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, set[str]]]:
     sub.add_argument("--adapter", required=True)
     sub.add_argument("--output", required=True)
     sub.add_argument("--samples", type=int, default=16, help="inputs used to verify merged == unmerged")
-    sub.add_argument("--tolerance", type=float, default=1e-4)
+    sub.add_argument("--tolerance", type=float, default=1e-4,
+                     help="largest allowed |merged - unmerged| output, relative to the largest |output| (at least 1)")
     sub.set_defaults(handler=cmd_merge)
 
     sub = commands.add_parser("export", help="export a merged model (or adapter) to ONNX")
