@@ -672,23 +672,16 @@ def plot_latency(results: dict[str, list[dict[str, Any]]], title: str = "Latency
 
 def generation_scores(loaded, n: int = 16, max_new_tokens: int = 64, data_dir: str | None = None) -> dict[str, Any]:
     """Generate for ``n`` dev examples and score them with the task's ``generation_metrics`` (BillSum:
-    ROUGE-L F1). Returns the scores and the examples."""
-    from peftlab.inference import predict
+    ROUGE-L F1). Returns the scores and the examples (what ``peftlab eval --generate n`` reports)."""
+    from peftlab import inference
     from peftlab.tasks import get_task
     from peftlab.training import select
 
     manifest = loaded.manifest
     task = get_task(manifest.task, **(manifest.task_options or {}))
-    scorer = getattr(task, "generation_metrics", None)
-    if scorer is None:
-        raise PeftlabError(f"Task '{task.name}' has no generation metric.")
-    dev = select(task.load("dev", data_dir), n, 42)
-    source_key, target_key = ("source", "target") if task.kind == "seq2seq" else ("prompt", "response")
-    outputs = predict(loaded, [{source_key: row[source_key]} for row in dev], max_new_tokens=max_new_tokens)
-    predictions = [o["generated"] for o in outputs]
-    references = [row[target_key] for row in dev]
-    return {"scores": scorer(predictions, references),
-            "examples": [{"reference": r, "generated": p} for r, p in zip(references, predictions)]}
+    scored = inference.generation_scores(loaded, task, select(task.load("dev", data_dir), n, 42),
+                                         max_new_tokens=max_new_tokens)
+    return {"scores": scored["metrics"], "examples": scored["samples"]}
 
 
 # ---- imdb-gen: does the generated review carry the requested sentiment? ------------------------------
