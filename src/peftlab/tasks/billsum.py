@@ -20,6 +20,7 @@ stemmer, as in Hugging Face's summarisation examples.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -42,10 +43,16 @@ def clean(text: str) -> str:
 def rouge_l(prediction: str, reference: str) -> dict[str, float]:
     """ROUGE-L precision, recall and F1 of one generated text against one reference (``rouge_score``,
     Porter stemming on, as Hugging Face's summarisation examples score BillSum)."""
+    score = _rouge_l_scorer().score(reference, prediction)["rougeL"]
+    return {"precision": score.precision, "recall": score.recall, "f1": score.fmeasure}
+
+
+@functools.cache
+def _rouge_l_scorer():
+    """One scorer for the process (building it sets up the tokenizer and stemmer)."""
     from rouge_score import rouge_scorer
 
-    score = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, prediction)["rougeL"]
-    return {"precision": score.precision, "recall": score.recall, "f1": score.fmeasure}
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
 class BillsumTask(Task):
