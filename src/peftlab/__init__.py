@@ -8,9 +8,8 @@ The Python API that notebooks and the CLI use:
     peftlab.predict("runs/lora", ["a gripping, funny film"])
 """
 
-__version__ = "0.1.0"
-
 from peftlab.errors import PeftlabError  # noqa: E402
+from peftlab.version import __version__  # noqa: E402
 
 
 def __getattr__(name):  # lazy: importing peftlab must not import torch

@@ -23,12 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.errors import PeftlabError
+from peftlab.kinds import TaskKind
 
 MANIFEST = "peftlab.json"
-PEFT_TASK_KINDS = {"SEQ_CLS": "seq-cls", "TOKEN_CLS": "token-cls", "CAUSAL_LM": "causal-lm", "SEQ_2_SEQ_LM": "seq2seq",
-                   "QUESTION_ANS": "qa"}
-PEFT_METHODS = {"LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt-tuning", "PREFIX_TUNING": "prefix-tuning",
-                "P_TUNING": "p-tuning"}
 
 
 @dataclass
@@ -45,6 +42,9 @@ class RunManifest:
     precision: str = "fp32"
     peftlab_version: str = ""
     adapter_dir: str = "adapter"  # relative to the run folder
+
+    def __post_init__(self):
+        self.kind = TaskKind.parse(self.kind, "task kind in the run manifest")
 
     def save(self, run_dir: Path) -> None:
         atomic_write_text(Path(run_dir) / MANIFEST, json.dumps(asdict(self), indent=2) + "\n")
@@ -99,15 +99,18 @@ def _manifest_from_peft(config_path: Path) -> RunManifest:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
         raise PeftlabError(f"'{config_path}' is not valid JSON ({error.msg}, line {error.lineno}).") from None
+    from peftlab.methods import get_method_class, method_for_peft_type, method_names
+
     peft_type = str(config.get("peft_type", "")).upper()
-    method = PEFT_METHODS.get(peft_type)
+    method = method_for_peft_type(peft_type)
     if method is None:
+        loadable = sorted({get_method_class(name).peft_type for name in method_names()} - {None})
         raise PeftlabError(f"'{config_path}': peft_type '{peft_type}' is not one peftlab can load "
-                           f"({', '.join(PEFT_METHODS)}).")
+                           f"({', '.join(loadable)}).")
     base = config.get("base_model_name_or_path")
     if not base:
         raise PeftlabError(f"'{config_path}' does not name its base model (base_model_name_or_path).")
-    kind = PEFT_TASK_KINDS.get(str(config.get("task_type") or "CAUSAL_LM").upper(), "causal-lm")
+    kind = TaskKind.from_peft_task_type(config.get("task_type"))
     return RunManifest(method=method, model=base, kind=kind)
 
 

@@ -585,11 +585,11 @@ def _is_peft(model) -> bool:
 
 def latency_inputs(loaded, config) -> dict[str, Any]:
     """The first LATENCY_ROWS dev examples (the evaluation subset's order), tokenized without labels."""
-    from peftlab.inference import _task_for
+    from peftlab.inference import task_for_manifest
     from peftlab.preprocess import collator, tokenize
-    from peftlab.training import select
+    from peftlab.tasks.base import select
 
-    task = _task_for(loaded.manifest, None, None)
+    task = task_for_manifest(loaded.manifest, None, None)
     dev = select(task.load("dev", config.data_dir), config.max_eval_samples, config.seed)
     raw = dev.select(range(min(LATENCY_ROWS, len(dev))))
     tokenized = tokenize(raw, loaded.kind, loaded.tokenizer, max_length=loaded.manifest.max_length,

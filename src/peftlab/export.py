@@ -35,6 +35,7 @@ from typing import Any
 
 from peftlab.artifacts import RunManifest, read_run, write_json
 from peftlab.errors import PeftlabError
+from peftlab.kinds import TaskKind
 
 REPORT_NAME = "export_report.json"
 MODEL_FILE = "model.onnx"
@@ -338,7 +339,7 @@ def _dev_records(manifest: RunManifest, data_dir, limit):
         return None, "the model does not record its task (export a `peftlab merge` output or a train folder)."
     try:
         from peftlab.tasks import get_task
-        from peftlab.training import select
+        from peftlab.tasks.base import select
 
         task = get_task(manifest.task, **(manifest.task_options or {}))
         dev = select(task.load("dev", data_dir), limit, 42)
@@ -351,7 +352,7 @@ def ort_scores(session, tokenizer, task, rows, manifest: RunManifest, input_name
     """The task's dev metrics for an onnxruntime session, and milliseconds per example."""
     import numpy as np
 
-    from peftlab.merge import _record_from_example, encode_records
+    from peftlab.merge import encode_records
 
     kind = manifest.kind
     order = sorted(range(len(rows)), key=lambda i: -len(str(rows[i].get("text") or rows[i].get("tokens"))))
@@ -361,7 +362,7 @@ def ort_scores(session, tokenizer, task, rows, manifest: RunManifest, input_name
     started = time.perf_counter()
     for start in range(0, len(order), batch_size):
         indices = order[start:start + batch_size]
-        records = [_record_from_example(rows[i], kind) for i in indices]
+        records = [TaskKind(kind).record_from_example(rows[i]) for i in indices]
         encoded = encode_records(tokenizer, kind, records, manifest.max_length)
         logits = session.run(["logits"], _feed(encoded, input_names))[0]
         for row, index in enumerate(indices):

@@ -10,6 +10,7 @@ from typing import Any
 
 from peftlab.artifacts import RunManifest, read_run
 from peftlab.errors import PeftlabError
+from peftlab.kinds import TaskKind
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Loaded:
         return self.manifest.label_names
 
 
-def _labels_from_weights(adapter_dir: Path) -> list[str] | None:
+def labels_from_weights(adapter_dir: Path) -> list[str] | None:
     """A plain peft classification adapter records no label names: size them from the saved head."""
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
@@ -57,7 +58,7 @@ def load_trained(adapter: str | Path, *, device: str | None = None, base_model: 
     if base_model:
         manifest.model = base_model
     if manifest.kind in ("seq-cls", "token-cls") and manifest.label_names is None and not manifest.is_regression:
-        manifest.label_names = _labels_from_weights(adapter_dir)
+        manifest.label_names = labels_from_weights(adapter_dir)
     options = {k: v for k, v in manifest.method_options.items()}
     method = get_method(manifest.method, **options)
     tokenizer = load_tokenizer(manifest.model)
@@ -71,7 +72,7 @@ def load_trained(adapter: str | Path, *, device: str | None = None, base_model: 
     return Loaded(model=model, tokenizer=tokenizer, manifest=manifest, method=method, adapter_dir=adapter_dir)
 
 
-def _task_for(manifest: RunManifest, task: str | None, task_options: dict | None):
+def task_for_manifest(manifest: RunManifest, task: str | None, task_options: dict | None):
     from peftlab.tasks import get_task
 
     name = task or manifest.task
@@ -91,10 +92,10 @@ def evaluate(adapter: str | Path, *, task: str | None = None, data_dir: str | No
     from peftlab import hardware
     from peftlab.evaluation import evaluate_model
     from peftlab.preprocess import tokenize
-    from peftlab.training import select
+    from peftlab.tasks.base import select
 
     loaded = loaded or load_trained(adapter)
-    task_object = _task_for(loaded.manifest, task, task_options)
+    task_object = task_for_manifest(loaded.manifest, task, task_options)
     if task_object.kind != loaded.kind:
         raise PeftlabError(f"Task '{task_object.name}' is a {task_object.kind} task but the adapter was trained "
                            f"for {loaded.kind}.")
@@ -156,42 +157,6 @@ def _task_class(name: str):
         return None
 
 
-def _normalize_input(record: Any, kind: str, where: str) -> dict[str, Any]:
-    if kind == "qa":
-        fields = {key: record.get(key) if isinstance(record, dict) else None for key in ("question", "context")}
-        missing = [key for key, value in fields.items() if not isinstance(value, str) or not value.strip()]
-        if missing:
-            raise PeftlabError(f"{where}: a question-answering adapter needs a non-empty 'question' and 'context' "
-                               f"(missing: {', '.join(missing)}); on the command line use --question ... --context "
-                               "..., in a JSON Lines file {\"question\": ..., \"context\": ...} per line.")
-        return fields
-    if isinstance(record, str):
-        record = {"text": record}
-    if not isinstance(record, dict):
-        raise PeftlabError(f"{where}: expected a JSON object or a string.")
-    if kind == "token-cls":
-        if "tokens" in record:
-            if not isinstance(record["tokens"], list):
-                raise PeftlabError(f"{where}: 'tokens' must be a list of words.")
-            return {"tokens": [str(t) for t in record["tokens"]]}
-        if "text" in record:
-            return {"tokens": str(record["text"]).split()}
-        raise PeftlabError(f"{where}: needs 'text' or 'tokens'.")
-    if kind == "causal-lm":
-        for key in ("prompt", "instruction", "text"):
-            if key in record:
-                return {"prompt": str(record[key]), "input": str(record.get("input", "")), "raw_key": key}
-        raise PeftlabError(f"{where}: needs 'text', 'instruction' or 'prompt'.")
-    if kind == "seq2seq":
-        for key in ("source", "text"):
-            if key in record:
-                return {"source": str(record[key])}
-        raise PeftlabError(f"{where}: needs 'text' or 'source'.")
-    if "text" not in record:
-        raise PeftlabError(f"{where}: needs a 'text' field (and 'text_pair' for pair tasks).")
-    return {"text": str(record["text"]), "text_pair": record.get("text_pair")}
-
-
 def predict(adapter: str | Path | Loaded, inputs: list[Any], *, batch_size: int = 32, max_new_tokens: int = 64,
             precision: str = "fp32") -> list[dict[str, Any]]:
     """Predictions for raw inputs: strings, or dicts with text/text_pair, tokens, instruction/prompt, or
@@ -206,7 +171,7 @@ def predict(adapter: str | Path | Loaded, inputs: list[Any], *, batch_size: int 
     if not inputs:
         return []
     kind = loaded.kind
-    records = [_normalize_input(item, kind, f"input {i + 1}") for i, item in enumerate(inputs)]
+    records = [TaskKind(kind).record_from_input(item, f"input {i + 1}") for i, item in enumerate(inputs)]
     tokenizer, model = loaded.tokenizer, loaded.model
     device = model_device(model)
     resolved = resolve_precision(precision)
@@ -247,7 +212,7 @@ def predict(adapter: str | Path | Loaded, inputs: list[Any], *, batch_size: int 
                         previous = word
                     tags += ["O"] * (len(record["tokens"]) - len(tags))  # words cut by max_length
                     results.append({"tokens": record["tokens"], "tags": tags,
-                                    "entities": _entities(record["tokens"], tags)})
+                                    "entities": entities_from_tags(record["tokens"], tags)})
             else:
                 results.extend(_generate(loaded, chunk, max_new_tokens, device))
     return results
@@ -268,11 +233,11 @@ def _answer_questions(loaded: Loaded, records: list[dict], *, batch_size: int, p
     return [{"question": r["question"], **answer} for r, answer in zip(records, answers)]
 
 
-def _entities(tokens: list[str], tags: list[str]) -> list[dict[str, Any]]:
+def entities_from_tags(tokens: list[str], tags: list[str]) -> list[dict[str, Any]]:
     from seqeval.metrics.sequence_labeling import get_entities
 
     return [{"type": label, "text": " ".join(tokens[start:end + 1]), "start": start, "end": end + 1}
-            for label, start, end in get_entities(tags)]
+            for label, start, end in getentities_from_tags(tags)]
 
 
 def _generate(loaded: Loaded, chunk: list[dict], max_new_tokens: int, device) -> list[dict]:

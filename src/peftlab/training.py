@@ -22,6 +22,7 @@ from typing import Any
 from peftlab import __version__
 from peftlab.artifacts import RunManifest, atomic_write_text, write_json
 from peftlab.errors import PeftlabError
+from peftlab.tasks.base import select  # noqa: F401 (part of the training API)
 
 
 @dataclass
@@ -64,15 +65,6 @@ class TrainConfig:
 
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def select(dataset, limit: int | None, seed: int):
-    """A seeded random subset of ``limit`` examples (the whole set when ``limit`` is None)."""
-    if limit is None or limit >= len(dataset):
-        return dataset
-    if limit <= 0:
-        raise PeftlabError(f"The example limit must be positive; got {limit}.")
-    return dataset.shuffle(seed=seed).select(range(limit))
 
 
 def prepare(config: TrainConfig):

@@ -1,6 +1,9 @@
 """The method registry: a ``--method`` name -> the module whose ``Method`` subclass implements it.
 
-Adding a method is one new module under ``peftlab/methods/`` plus one line here.
+Adding a method is one new module under ``peftlab/methods/`` plus one line here; a method defined
+outside the package (a plugin, a test) joins with ``register_method``. Everything else (train, eval,
+methods, compare, recommend, the memory estimate, serve) finds it through this registry and reads
+the facts it declares (``peftlab.methods.base.Method``).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import importlib
 from peftlab.errors import PeftlabError, did_you_mean
 from peftlab.methods.base import CATEGORIES, Method
 
-_REGISTRY: dict[str, tuple[str, str]] = {
+_REGISTRY: dict[str, tuple[str, str] | type[Method]] = {
     "lora": ("peftlab.methods.lora", "LoRA"),
     "qlora": ("peftlab.methods.qlora", "QLoRA"),
     "adapter": ("peftlab.methods.adapter", "BottleneckAdapter"),
@@ -28,11 +31,44 @@ def method_names() -> list[str]:
     return list(_REGISTRY)
 
 
+def register_method(method_class: type[Method], name: str | None = None) -> type[Method]:
+    """Make a ``Method`` subclass available by its ``name`` (or ``name``) to every command and API.
+
+    Usable as a class decorator. A method registered under an existing name replaces it."""
+    if not (isinstance(method_class, type) and issubclass(method_class, Method)):
+        raise TypeError(f"register_method takes a Method subclass, not {method_class!r}")
+    name = name or method_class.name
+    if method_class.category not in CATEGORIES:
+        raise PeftlabError(f"Method '{name}' declares category {method_class.category!r}; "
+                           f"use one of {', '.join(CATEGORIES)}.")
+    _REGISTRY[name] = method_class
+    return method_class
+
+
+def unregister_method(name: str) -> None:
+    """Remove a method registered with ``register_method`` (tests clean up with it)."""
+    _REGISTRY.pop(name, None)
+
+
 def get_method_class(name: str) -> type[Method]:
     if name not in _REGISTRY:
         raise PeftlabError(f"Unknown method '{name}'. {did_you_mean(name, method_names())}")
-    module_name, class_name = _REGISTRY[name]
+    entry = _REGISTRY[name]
+    if isinstance(entry, type):
+        return entry
+    module_name, class_name = entry
     return getattr(importlib.import_module(module_name), class_name)
+
+
+def method_for_peft_type(peft_type: str) -> str | None:
+    """The method that loads a plain peft adapter folder of this ``peft_type`` (the first registered one that
+    saves it: LORA -> lora, PREFIX_TUNING -> prefix-tuning); None when no method does."""
+    wanted = str(peft_type).upper()
+    for name in method_names():
+        cls = get_method_class(name)
+        if cls.peft_type == wanted and not cls.quantized_base:
+            return name
+    return None
 
 
 def get_method(name: str, **overrides) -> Method:
@@ -53,4 +89,5 @@ def parse_methods(spec: str | list[str]) -> list[str]:
     return names
 
 
-__all__ = ["Method", "CATEGORIES", "get_method", "get_method_class", "method_names", "parse_methods"]
+__all__ = ["Method", "CATEGORIES", "get_method", "get_method_class", "method_names", "parse_methods",
+           "register_method", "unregister_method", "method_for_peft_type"]

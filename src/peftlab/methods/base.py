@@ -1,20 +1,29 @@
-"""What a PEFT method is, in one interface.
+"""What a PEFT method is, in one interface: what it does and every fact the rest of peftlab asks of it.
 
-Every method module under ``peftlab/methods/`` defines one ``Method`` subclass with:
+Every method module under ``peftlab/methods/`` defines one ``Method`` subclass. Nobody outside
+``methods/`` branches on a method's name: training, serving, merging, exporting, the memory estimator,
+``recommend`` and ``compare`` read what the method declares here.
 
-* class attributes: ``name`` (the ``--method`` name), ``category`` ("reparameterization",
-  "additive", "selective" or "full"), ``mergeable``, ``paper``, ``summary``, ``kinds`` (task kinds it
-  supports) and ``Options`` (a dataclass of its hyperparameters; every field has a default from the
-  paper or the peft docs and a ``help`` string in its metadata; ``learning_rate`` is one of them);
-* ``check_supported(model, kind)``: raise ``PeftlabError`` with one sentence when the method cannot
-  run on this model/task (called before any training);
-* ``apply(model, kind)``: freeze/inject and return the trainable model;
-* ``save(model, directory)`` / ``load(base_model, directory, kind)``: only the trained tensors
-  (safetensors) plus a JSON config; ``load`` on a freshly loaded base reproduces the outputs exactly;
-* ``merge(model)``: a plain transformers model with the method folded in (mergeable methods only);
-* ``trainable_parameters_formula(model, kind)``: the count the method's formula predicts, used by
-  the conformance tests to check ``apply``;
-* ``inference_cost()``: what the method adds at inference ("none", "+20 virtual tokens", ...).
+What it is (class attributes): ``name`` (the ``--method`` name), ``category`` ("reparameterization",
+"additive", "selective" or "full"), ``mergeable``, ``paper``, ``summary``, ``kinds`` (task kinds it
+supports), ``Options`` (a dataclass of its hyperparameters; every field has a default from the paper or the
+peft docs and a ``help`` string; ``learning_rate`` is one of them), ``warmup_ratio``.
+
+What it declares for the others:
+
+* ``peft_type``: the peft ``PeftType`` name of the adapters it saves (None: peftlab's own format);
+  ``trains_all_weights`` (full fine-tuning: a whole model per task); ``quantized_base`` (QLoRA);
+* ``serving_facts()``: how ``peftlab serve`` hosts an adapter of it (a :class:`ServingFacts`);
+* ``optimizer`` / ``optimizer_parameter_groups()`` / ``training_callbacks()``: what the trainer needs;
+  ``total_steps`` is set before ``apply`` so a method whose schedule depends on it (AdaLoRA) can read it;
+* ``guide`` / ``few_shot_guide`` / ``guide_adjustments()``: its rows of the selection guide (``recommend``);
+* ``memory_facts()`` / ``apply_for_estimate()``: what the memory estimator cannot read off the modules;
+* ``merge_note()``: what a user should know when it is merged or exported.
+
+What it does: ``check_supported(model, kind)`` (one sentence when it cannot run), ``apply(model, kind)``,
+``save(model, directory)`` / ``load(base_model, directory, kind)`` (``load`` on a fresh base reproduces
+the outputs exactly), ``merge(model)`` (mergeable methods), ``trainable_parameters_formula(model, kind)``
+(checked against ``apply`` by the conformance tests), ``inference_cost()``.
 
 peft-backed methods derive from ``PeftMethod`` and only say how to build their ``PeftConfig``.
 """
@@ -23,30 +32,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
-from torch import nn
-
 from peftlab.errors import PeftlabError
+from peftlab.kinds import ALL_KINDS, HEAD_KINDS, TaskKind
+from peftlab.modelinfo import (HEAD_NAMES, count_parameters, head_modules, linear_shape,  # noqa: F401 (re-exported)
+                               model_family)
 
 CATEGORIES = ("reparameterization", "additive", "selective", "full")
-ALL_KINDS = ("seq-cls", "token-cls", "causal-lm", "seq2seq", "qa")
-
-# peft's TaskType per peftlab task kind
-PEFT_TASK_TYPES = {
-    "seq-cls": "SEQ_CLS",
-    "token-cls": "TOKEN_CLS",
-    "causal-lm": "CAUSAL_LM",
-    "seq2seq": "SEQ_2_SEQ_LM",
-    "qa": "QUESTION_ANS",
-}
-
-# Task heads that are newly initialised for classification and QA and so always trained.
-HEAD_NAMES = ("classifier", "score", "classification_head", "qa_outputs")
-# The task kinds whose model gets such a new head (sequence/token classification, extractive QA's span head).
-HEAD_KINDS = ("seq-cls", "token-cls", "qa")
+# The selection guide's task types (``peftlab recommend --task-type``).
+GUIDE_TASK_TYPES = ("classification", "ner", "qa", "generation", "seq2seq")
 
 
 def option(default, help: str, **extra):
@@ -61,6 +58,40 @@ class BaseOptions:
     learning_rate: float = option(2e-4, "Peak learning rate (linear decay after warm-up).")
 
 
+@dataclass(frozen=True)
+class ServingFacts:
+    """How ``peftlab serve`` hosts an adapter of a method.
+
+    ``mode``: "peft" (loaded into a PeftModel shared with the other adapters of its ``group`` over the
+    base weights), "module-tree" (its own module tree over the shared base weights: peftlab's own
+    methods) or "own-copy" (a whole model of its own: full fine-tuning, merged models).
+    ``group``: adapters with the same group, kind and head width share one PeftModel (peft type, plus a
+    variant that peft cannot mix, such as DoRA). ``mixed_batch``: adapters of the group can share one
+    forward pass (peft's ``adapter_names``; peft refuses it for DoRA). ``private``: what each hosted
+    adapter owns beyond the shared base ("head", "biases+head" or "all"). ``note``: shown when it loads.
+    """
+
+    mode: str
+    group: str | None = None
+    mixed_batch: bool = False
+    private: str = "head"
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class GuideSituation:
+    """What ``recommend`` knows about the user's situation, for a method's ``guide_adjustments``."""
+
+    base_params: int
+    domain_specific: bool = False
+
+
+# Model sizes the selection guide's adjustments refer to (parameters).
+VERY_LARGE = 3e9  # T-Few's (IA)3 results are on 3B and 11B models
+HUGE = 1e10  # Lester et al.: prompt tuning matches fine-tuning from ~10B parameters
+SMALL = 1e9
+
+
 class Method:
     name: ClassVar[str]
     category: ClassVar[str]
@@ -72,12 +103,28 @@ class Method:
     # Fraction of the steps with linear learning-rate warm-up when --warmup-ratio is not given (RoBERTa's 6%).
     warmup_ratio: ClassVar[float] = 0.06
 
+    # ---- declared facts (read by serving, merge, export, artifacts, memory, recommend, compare) ----------
+    # peft's PeftType name of the adapters this method saves; None: peftlab's own tensor format.
+    peft_type: ClassVar[str | None] = None
+    # Every weight trains and is saved: one whole model per task (full fine-tuning).
+    trains_all_weights: ClassVar[bool] = False
+    # The base is loaded quantised (QLoRA): merging and serving use a full-precision copy of it.
+    quantized_base: ClassVar[bool] = False
+    # Selection guide rows (``peftlab recommend``): task type -> (points, one-line reason with its source).
+    guide: ClassVar[dict[str, tuple[float, str]]] = {}
+    # Extra points and the reason when the user has only a few dozen examples; None: no change.
+    few_shot_guide: ClassVar[tuple[float, str] | None] = None
+
     def __init__(self, options=None, **overrides):
         if options is None:
             options = self.make_options(overrides)
         elif overrides:
             options = dataclasses.replace(options, **overrides)
         self.options = options
+        # The number of optimizer steps the run will take, set by the trainer before ``apply`` (None when
+        # the method is applied outside training: estimates, reloading). A method whose schedule depends on
+        # it (AdaLoRA's budget) reads it in ``apply`` and refuses to train without it.
+        self.total_steps: int | None = None
 
     # ---- options -------------------------------------------------------------------------
     @classmethod
@@ -110,8 +157,63 @@ class Method:
     def learning_rate(self) -> float:
         return float(self.options.learning_rate)
 
+    # ---- what the trainer asks ---------------------------------------------------------------------
+    @property
+    def optimizer(self) -> str:
+        """The ``TrainingArguments.optim`` name to train with."""
+        return "adamw_torch"
+
+    def optimizer_parameter_groups(self, model, learning_rate: float, weight_decay: float) -> list[dict] | None:
+        """Parameter groups with their own learning rates (LoRA+); None: one group, the Trainer's default."""
+        return None
+
+    def training_callbacks(self, model) -> list:
+        """``transformers.TrainerCallback`` objects the method needs while training (AdaLoRA's rank updates).
+
+        Called after ``apply``; ``self.total_steps`` is known by then."""
+        return []
+
+    # ---- what the server asks ------------------------------------------------------------------
+    def serving_facts(self) -> ServingFacts:
+        """How ``peftlab serve`` hosts an adapter of this method (see :class:`ServingFacts`)."""
+        if self.trains_all_weights:
+            return ServingFacts(mode="own-copy", private="all",
+                                note="full fine-tune: its own copy of every weight (nothing shared with the base).")
+        if self.peft_type is not None:
+            return ServingFacts(mode="peft", group=self.peft_type)
+        return ServingFacts(mode="module-tree")
+
+    # ---- what merge and export say -------------------------------------------------------------
+    def merge_note(self) -> str:
+        """What a user should know when this method's adapter is merged or exported ("" for nothing)."""
+        return ""
+
+    # ---- what recommend asks --------------------------------------------------------------------
+    def guide_row(self, task_type: str) -> tuple[float, str]:
+        """(points, reason) of the selection guide for a task type; a neutral row when the method has none."""
+        if task_type in self.guide:
+            return self.guide[task_type]
+        return 1.0, f"no selection-guide entry for {task_type} yet: judged by its measured cost alone"
+
+    def guide_adjustments(self, situation: GuideSituation) -> list[tuple[float, str]]:
+        """(points, reason) that the model size or the data move this method by (most methods: none)."""
+        return []
+
+    # ---- what the memory estimator asks --------------------------------------------------------
+    def apply_for_estimate(self, model, kind: str) -> tuple[Any, dict[str, Any]]:
+        """Apply to a model on the ``meta`` device for ``peftlab.memory``: (applied model, facts).
+
+        The facts are :class:`peftlab.memory.Footprint` fields that differ from what the applied model's
+        modules show (QLoRA: the 4-bit weights that the meta model cannot hold)."""
+        self.check_supported(model, kind)
+        return self.apply(model, kind), {}
+
+    def memory_facts(self, applied) -> dict[str, Any]:
+        """Footprint fields only the method knows: virtual tokens, prefix length, saved-parameter count..."""
+        return {}
+
     # ---- lifecycle -------------------------------------------------------------------------
-    def check_supported(self, model: nn.Module, kind: str) -> None:
+    def check_supported(self, model, kind: str) -> None:
         if kind not in self.kinds:
             raise PeftlabError(
                 f"Method '{self.name}' cannot run {kind} on {type(model).__name__} ({model_family(model)}): "
@@ -122,16 +224,16 @@ class Method:
         """Extra ``from_pretrained`` keyword arguments for the base model (qlora: quantization)."""
         return {}
 
-    def apply(self, model: nn.Module, kind: str) -> nn.Module:  # pragma: no cover - abstract
+    def apply(self, model, kind: str):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def save(self, model: nn.Module, directory: Path) -> None:  # pragma: no cover - abstract
+    def save(self, model, directory: Path) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def load(self, base_model: nn.Module, directory: Path, kind: str) -> nn.Module:  # pragma: no cover
+    def load(self, base_model, directory: Path, kind: str):  # pragma: no cover
         raise NotImplementedError
 
-    def merge(self, model: nn.Module) -> nn.Module:
+    def merge(self, model):
         raise PeftlabError(
             f"Method '{self.name}' cannot be merged into the base weights: {self.why_not_mergeable()} "
             "Serve it unmerged (peftlab serve) or export it (peftlab export)."
@@ -140,7 +242,7 @@ class Method:
     def why_not_mergeable(self) -> str:
         return "it adds computation that is not a change to existing weights."
 
-    def trainable_parameters_formula(self, model: nn.Module, kind: str) -> int:  # pragma: no cover
+    def trainable_parameters_formula(self, model, kind: str) -> int:  # pragma: no cover
         raise NotImplementedError
 
     def inference_cost(self) -> str:
@@ -177,48 +279,28 @@ def _coerce(method: str, key: str, value, default):
 
 # ---- helpers shared by the methods ---------------------------------------------------------------
 
-def head_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The task head(s) a classification model adds on top of the backbone, by attribute name."""
-    return {name: getattr(model, name) for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)}
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit packed weights counted as their logical size."""
-    trainable = total = 0
-    for parameter in model.parameters():
-        count = parameter.numel()
-        if parameter.__class__.__name__ == "Params4bit":
-            count = int(getattr(parameter, "quant_state", None).shape.numel()) if getattr(
-                parameter, "quant_state", None) is not None else count * 2
-        total += count
-        if parameter.requires_grad:
-            trainable += count
-    return trainable, total
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a Linear, GPT-2 Conv1D or bitsandbytes 4-bit linear."""
-    if hasattr(module, "in_features") and hasattr(module, "out_features"):
-        return int(module.in_features), int(module.out_features)
-    if module.__class__.__name__ == "Conv1D":  # GPT-2 stores weight as (in, out)
-        return int(module.weight.shape[0]), int(module.weight.shape[1])
-    raise TypeError(f"{type(module).__name__} is not a linear layer")
-
-
 def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
-def model_family(model: nn.Module) -> str:
-    config = getattr(model, "config", None)
-    return getattr(config, "model_type", type(model).__name__)
-
-
 class PeftMethod(Method):
-    """A method that peft implements: subclasses return the ``PeftConfig``."""
+    """A method that peft implements: subclasses return the ``PeftConfig`` (and declare ``peft_type``).
 
-    def peft_config(self, model: nn.Module, kind: str):  # pragma: no cover - abstract
+    ``prepare_base`` and ``finish_loaded`` are the two places a method adjusts the model around peft's own
+    loading (transformers-5 shims); the server loads through :meth:`load` with its own adapter name, so
+    the same steps run there as in training and ``peftlab eval``.
+    """
+
+    def peft_config(self, model, kind: str):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def prepare_base(self, model, kind: str):
+        """The base model before peft wraps it (default: unchanged)."""
+        return model
+
+    def finish_loaded(self, peft_model, kind: str):
+        """The PeftModel after peft built or loaded it (default: unchanged)."""
+        return peft_model
 
     def apply(self, model, kind):
         from peft import get_peft_model
@@ -226,19 +308,23 @@ class PeftMethod(Method):
         from peftlab.methods.compat import add_qa_token_type_compat
 
         self.check_supported(model, kind)
-        return add_qa_token_type_compat(get_peft_model(model, self.peft_config(model, kind)))
+        peft_model = get_peft_model(self.prepare_base(model, kind), self.peft_config(model, kind))
+        return add_qa_token_type_compat(self.finish_loaded(peft_model, kind))
 
     def save(self, model, directory):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(directory), safe_serialization=True)
 
-    def load(self, base_model, directory, kind):
+    def load(self, base_model, directory, kind, *, adapter_name: str = "default"):
         from peft import PeftModel
 
         from peftlab.methods.compat import add_qa_token_type_compat
 
-        return add_qa_token_type_compat(PeftModel.from_pretrained(base_model, str(directory), is_trainable=False))
+        self.check_supported(base_model, kind)
+        peft_model = PeftModel.from_pretrained(self.prepare_base(base_model, kind), str(directory),
+                                               adapter_name=adapter_name, is_trainable=False)
+        return add_qa_token_type_compat(self.finish_loaded(peft_model, kind))
 
     def merge(self, model):
         if not self.mergeable:
@@ -248,6 +334,6 @@ class PeftMethod(Method):
         return remove_qa_token_type_compat(model.merge_and_unload())
 
 
-def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def trainable_state_dict(model) -> dict[str, Any]:
     """Only the tensors that train (for methods peftlab implements itself)."""
     return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}

@@ -15,7 +15,9 @@ from torch import nn
 
 from peftlab.errors import PeftlabError
 from peftlab.methods.adapter import TensorFileMethod, model_label, train_head
-from peftlab.methods.base import HEAD_KINDS, BaseOptions, head_modules, model_family, option
+from peftlab.kinds import TaskKind
+from peftlab.methods.base import BaseOptions, ServingFacts, option
+from peftlab.modelinfo import head_modules, model_family
 
 LLAMA_FAMILY = ("llama", "mistral", "mixtral", "gemma", "gemma2", "gemma3", "gemma3_text", "smollm3", "olmo",
                 "olmo2", "phi3", "granite", "cohere", "deepseek_v3", "ministral")
@@ -52,6 +54,14 @@ class BitFit(TensorFileMethod):
              "Transformer-based Masked Language-models (ACL 2022, arXiv:2106.10199)")
     summary = "only the bias terms (and the task head) train"
     Options = BitFitOptions
+    # Selection guide rows (peftlab recommend): task type -> (points, reason).
+    guide = {
+        "classification": (2.0, "bias-only training is competitive on small and medium classification sets (Ben Zaken et al. 2022)"),
+        "ner": (1.5, "bias-only training trails on token-level tasks"),
+        "qa": (1.5, "bias-only training trails on span extraction"),
+        "generation": (0.5, "biases alone move generation little"),
+        "seq2seq": (0.5, "biases alone move generation little"),
+    }
     # 10% warm-up (BERT's): at lr 5e-3 it lifted the 3-seed mean on minilm + SST-2 from 0.773 to 0.784 (seeds
     # 42/1/2: 0.783/0.774/0.761 -> 0.795/0.774/0.783); high bias-only rates destabilise the first steps.
     warmup_ratio = 0.1
@@ -97,10 +107,19 @@ class BitFit(TensorFileMethod):
                 seen.add(id(parameter))
                 biases += parameter.numel()
         head_weights = 0
-        if kind in HEAD_KINDS:
+        if TaskKind(kind).has_new_head:
             head_weights = sum(p.numel() for module in head_modules(model).values()
                                for name, p in module.named_parameters() if not is_bias(name))
         return biases + head_weights
+
+    def serving_facts(self):
+        return ServingFacts(mode="module-tree", private="biases+head",
+                            note="bitfit: its own copy of the bias vectors; all other weights shared with the base.")
+
+    def guide_adjustments(self, situation):
+        if situation.domain_specific:
+            return [(2.0, "domain-specific data favours BitFit: bias-only updates adapt to a domain from little data")]
+        return []
 
     def inference_cost(self):
         return "none (the trained biases replace the base ones)"

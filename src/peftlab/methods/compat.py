@@ -31,7 +31,8 @@ import types
 
 from torch import nn
 
-from peftlab.methods.base import HEAD_KINDS, head_modules, model_family
+from peftlab.kinds import TaskKind
+from peftlab.modelinfo import head_modules, is_linear, model_family  # noqa: F401 (is_linear re-exported)
 
 _MARK = "_peftlab_prefix_compat"
 _PREVIOUS = "_peftlab_prefix_compat_previous_forward"
@@ -241,7 +242,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def head_parameter_count(model: nn.Module, kind: str) -> int:
     """Parameters of the task head that peft trains as a copy (``modules_to_save``) for classification and QA."""
-    if kind not in HEAD_KINDS:
+    if not TaskKind(kind).has_new_head:
         return 0
     total = 0
     for module in head_modules(unwrap(model)).values():
@@ -270,7 +271,7 @@ def prompt_learning_dims(model: nn.Module, kind: str, *, prefix: bool) -> dict[s
         head_dim = getattr(config, "head_dim", None) or hidden // heads
         token_dim = head_dim * kv_heads
     return {"layers": int(layers), "hidden": int(hidden), "token_dim": int(token_dim),
-            "submodules": 2 if kind == "seq2seq" else 1}
+            "submodules": 2 if kind == TaskKind.SEQ2SEQ else 1}
 
 
 def iter_layers(model: nn.Module):
@@ -295,7 +296,3 @@ def iter_layers(model: nn.Module):
             yield name, child
             stack.append((name, child))
 
-
-def is_linear(module: nn.Module) -> bool:
-    """nn.Linear (bitsandbytes' Linear4bit/Linear8bitLt included) or GPT-2's Conv1D."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"

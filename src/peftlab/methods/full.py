@@ -12,7 +12,8 @@ from pathlib import Path
 
 from peftlab.errors import PeftlabError
 from peftlab.methods.adapter import CONFIG_NAME
-from peftlab.methods.base import BaseOptions, Method, option, write_json
+from peftlab.methods.base import VERY_LARGE, BaseOptions, Method, option, write_json
+from peftlab.version import __version__
 
 
 @dataclass
@@ -31,6 +32,16 @@ class FullFineTuning(Method):
              "Understanding (arXiv:1810.04805), the fine-tuning baseline")
     summary = "every parameter trains (baseline)"
     Options = FullOptions
+    trains_all_weights = True
+    # Selection guide rows (peftlab recommend): task type -> (points, reason).
+    guide = {
+        "classification": (2.0, "the accuracy reference, at full cost"),
+        "ner": (2.0, "the accuracy reference, at full cost"),
+        "qa": (2.0, "the accuracy reference, at full cost"),
+        "generation": (2.0, "the quality reference, at full cost"),
+        "seq2seq": (2.0, "the quality reference, at full cost"),
+    }
+    few_shot_guide = (-1.5, "full fine-tuning overfits a few dozen examples")
 
     def apply(self, model, kind):
         self.check_supported(model, kind)
@@ -38,8 +49,6 @@ class FullFineTuning(Method):
         return model
 
     def save(self, model, directory):
-        import peftlab
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(directory))
@@ -52,7 +61,7 @@ class FullFineTuning(Method):
                 "name_or_path": getattr(config, "_name_or_path", None),
                 "class": type(model).__name__,
             },
-            "peftlab_version": peftlab.__version__,
+            "peftlab_version": __version__,
             "injected_modules": [],
             "weights": "the whole model (save_pretrained: config.json + model.safetensors)",
         })
@@ -93,6 +102,11 @@ class FullFineTuning(Method):
     def trainable_parameters_formula(self, model, kind):
         """Every parameter of the model (tied weights counted once)."""
         return sum(p.numel() for p in model.parameters())
+
+    def guide_adjustments(self, situation):
+        if situation.base_params >= VERY_LARGE:
+            return [(-1.0, "very large model: full fine-tuning is rarely worth its cost")]
+        return []
 
     def inference_cost(self):
         return "none (but a full copy of the model per task)"

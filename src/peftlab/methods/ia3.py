@@ -17,7 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from peftlab.errors import PeftlabError
-from peftlab.methods.base import PEFT_TASK_TYPES, BaseOptions, PeftMethod, linear_shape, option
+from peftlab.kinds import TaskKind
+from peftlab.methods.base import VERY_LARGE, BaseOptions, PeftMethod, option
+from peftlab.modelinfo import linear_shape
 from peftlab.methods.compat import describe_model, head_parameter_count, iter_layers, unwrap
 
 
@@ -40,6 +42,16 @@ class IA3(PeftMethod):
              "Learning (NeurIPS 2022, arXiv:2205.05638)")
     summary = "learned vectors rescaling attention keys/values and feed-forward activations"
     Options = IA3Options
+    peft_type = "IA3"
+    # Selection guide rows (peftlab recommend): task type -> (points, reason).
+    guide = {
+        "classification": (1.5, "a few rescaling vectors; strongest on large models (Liu et al. 2022)"),
+        "ner": (1.0, "a few rescaling vectors; weaker on token-level tasks on small models"),
+        "qa": (1.0, "a few rescaling vectors; weaker on token-level tasks on small models"),
+        "generation": (1.5, "a few rescaling vectors; best on large models (Liu et al. 2022)"),
+        "seq2seq": (2.0, "(IA)3 was built on the T0 encoder-decoder (Liu et al. 2022)"),
+    }
+    few_shot_guide = (1.0, "(IA)3 was designed for few-shot learning (T-Few)")
 
     def _targets(self, model) -> tuple[list[str], list[str]]:
         from peft.utils.constants import (TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
@@ -63,7 +75,7 @@ class IA3(PeftMethod):
         from peft import IA3Config
 
         targets, feedforward = self._targets(model)
-        return IA3Config(task_type=PEFT_TASK_TYPES[kind], target_modules=targets, feedforward_modules=feedforward)
+        return IA3Config(task_type=TaskKind(kind).peft_task_type, target_modules=targets, feedforward_modules=feedforward)
 
     def trainable_parameters_formula(self, model, kind):
         """Per targeted layer: out_features (keys, values) or in_features (feed-forward), plus the task head.
@@ -79,6 +91,11 @@ class IA3(PeftMethod):
             fan_in, fan_out = linear_shape(layer)
             total += fan_in if any(name.endswith(f) for f in feedforward) else fan_out
         return total + head_parameter_count(model, kind)
+
+    def guide_adjustments(self, situation):
+        if situation.base_params >= VERY_LARGE:
+            return [(2.0, "very large model: (IA)3's few vectors shine at billions of parameters (T-Few, 3B-11B)")]
+        return []
 
     def inference_cost(self):
         return "none once merged (unmerged: one elementwise rescale per adapted layer)"

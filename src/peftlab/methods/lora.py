@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peftlab.methods.base import (HEAD_KINDS, BaseOptions, PeftMethod, head_modules, linear_shape, option,
-                                  PEFT_TASK_TYPES)
+from peftlab.kinds import TaskKind
+from peftlab.methods.base import BaseOptions, PeftMethod, ServingFacts, option
+from peftlab.modelinfo import head_modules, linear_shape
 
 
 @dataclass
@@ -34,12 +35,21 @@ class LoRA(PeftMethod):
     paper = "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models (arXiv:2106.09685)"
     summary = "low-rank update B·A on chosen linear layers"
     Options = LoRAOptions
+    peft_type = "LORA"
+    # Selection guide rows (peftlab recommend): task type -> (points, reason).
+    guide = {
+        "classification": (2.5, "matches full fine-tuning on GLUE classification (Hu et al. 2021)"),
+        "ner": (2.5, "low-rank updates in every layer; strong on token classification"),
+        "qa": (2.5, "low-rank updates in every layer; strong on span extraction"),
+        "generation": (3.0, "generation favours LoRA: the standard for instruction and generative tuning (Hu et al. 2021)"),
+        "seq2seq": (3.0, "LoRA is the default for encoder-decoder and seq2seq tuning (Hu et al. 2021)"),
+    }
 
     def peft_config(self, model, kind):
         from peft import LoraConfig
 
         return LoraConfig(
-            task_type=PEFT_TASK_TYPES[kind],
+            task_type=TaskKind(kind).peft_task_type,
             r=self.options.r,
             lora_alpha=self.options.alpha,
             lora_dropout=self.options.dropout,
@@ -62,13 +72,17 @@ class LoRA(PeftMethod):
                 total += self.options.r * (fan_in + fan_out)
         return total + _head_parameters(peft_model, kind)
 
+    def serving_facts(self):
+        # peft runs a batch that mixes LoRA adapters (adapter_names) in one forward pass
+        return ServingFacts(mode="peft", group=self.peft_type, mixed_batch=True)
+
     def inference_cost(self):
         return "none once merged (unmerged: one extra low-rank matmul per adapted layer)"
 
 
 def _head_parameters(peft_model, kind) -> int:
     """Parameters of the trained copy of the task head (peft's modules_to_save)."""
-    if kind not in HEAD_KINDS:
+    if not TaskKind(kind).has_new_head:
         return 0
     base = peft_model.get_base_model()
     return sum(p.numel() for module in head_modules(base).values() for p in module.parameters()

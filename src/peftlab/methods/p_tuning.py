@@ -39,9 +39,20 @@ class PTuning(PromptLearningMethod):
     summary = "virtual tokens produced by a trainable MLP/LSTM prompt encoder"
     kinds = INPUT_PROMPT_KINDS
     Options = PTuningOptions
+    # Selection guide rows (peftlab recommend): task type -> (points, reason).
+    guide = {
+        "classification": (1.0, "input-level prompts lag fine-tuning on small and medium models (Liu et al. 2022)"),
+        "ner": (0.0, "prepends tokens, so outputs no longer line up with the labels"),
+        "qa": (0.0, "prepends tokens, so answer positions shift"),
+        "generation": (1.0, "input prompts from an encoder; weak for open-ended generation"),
+        "seq2seq": (1.0, "input prompts from an encoder; weak for seq2seq"),
+    }
+    few_shot_guide = (2.0, "few-shot favours prompt methods (P-Tuning was built for few-shot)")
     # 10% warm-up: the MLP prompt encoder at lr 3e-2 is unstable early; on minilm + SST-2 four runs (seeds 42/1,
     # 1 thread; 42/2, 2 threads) gave 0.718/0.767/0.661/0.670 with it, 0.744/-/0.622/- with the default 6%.
     warmup_ratio = 0.1
+    peft_type = "P_TUNING"
+    saves_encoder_output = True  # peft saves the MLP/LSTM's output for the n tokens, not the encoder
 
     def _encoder(self) -> str:
         encoder = str(self.options.encoder).upper()

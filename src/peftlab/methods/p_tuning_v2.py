@@ -30,4 +30,13 @@ class PTuningV2(PrefixTuning):
              "Scales and Tasks (ACL 2022, arXiv:2110.07602)")
     summary = "trainable key/value prefix in every layer, no reparameterisation (deep prompt tuning)"
     Options = PTuningV2Options
+    # Selection guide rows (peftlab recommend): task type -> (points, reason).
+    guide = {
+        "classification": (2.0, "deep prompts match fine-tuning on classification across model sizes (Liu et al. 2022)"),
+        "ner": (2.5, "deep prompts were designed to handle sequence labelling (Liu et al. 2022)"),
+        "qa": (2.5, "deep prompts match fine-tuning on SQuAD-style QA (Liu et al. 2022)"),
+        "generation": (1.5, "deep prompts; less studied for open-ended generation"),
+        "seq2seq": (1.5, "deep prompts; less studied for seq2seq"),
+    }
+    few_shot_guide = (2.0, "few-shot favours prompt methods: few trainable values")
     prefix_projection = False

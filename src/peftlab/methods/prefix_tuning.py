@@ -15,12 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from peftlab.errors import PeftlabError
-from peftlab.methods.base import ALL_KINDS, BaseOptions, option
+from peftlab.kinds import ALL_KINDS, HEAD_KINDS
+from peftlab.methods.base import BaseOptions, option
 from peftlab.methods.compat import (add_prefix_compat, describe_model, head_parameter_count, needs_prefix_compat,
                                     prefix_cache_reachable, prompt_learning_dims)
 from peftlab.methods.prompt_tuning import PromptLearningMethod
 
-CLASSIFICATION_KINDS = ("seq-cls", "token-cls", "qa")  # peft checks the forward signature (see compat.py)
+# Kinds whose peft forward checks the model signature for past_key_values (see compat.py).
+SIGNATURE_CHECKED_KINDS = HEAD_KINDS
 
 
 @dataclass
@@ -44,6 +46,15 @@ class PrefixTuning(PromptLearningMethod):
     summary = "trainable key/value prefixes in every attention layer, reparameterised by an MLP"
     kinds = ALL_KINDS
     Options = PrefixTuningOptions
+    # Selection guide rows (peftlab recommend): task type -> (points, reason).
+    guide = {
+        "classification": (1.0, "made for generation; below deep prompts on classification"),
+        "ner": (1.0, "made for generation; P-Tuning v2 is its sequence-labelling form"),
+        "qa": (1.0, "made for generation; P-Tuning v2 is its token-level form"),
+        "generation": (2.0, "made for generation: table-to-text and summarisation (Li & Liang 2021)"),
+        "seq2seq": (2.5, "made for conditional generation: summarisation on BART (Li & Liang 2021)"),
+    }
+    few_shot_guide = (2.0, "few-shot favours prefix methods (Li & Liang: best in low-data settings)")
     prefix_projection = True
 
     def why_not_mergeable(self) -> str:
@@ -52,14 +63,21 @@ class PrefixTuning(PromptLearningMethod):
 
     def check_supported(self, model, kind):
         super().check_supported(model, kind)
-        if kind in CLASSIFICATION_KINDS and not prefix_cache_reachable(model):
+        if kind in SIGNATURE_CHECKED_KINDS and not prefix_cache_reachable(model):
             raise PeftlabError(
                 f"Method '{self.name}' cannot run {kind} on {describe_model(model)}: its forward takes no "
                 "key/value cache, so there is no way to hand the prefix to its attention layers.")
 
-    def _prepare(self, model, kind):
+    peft_type = "PREFIX_TUNING"
+    input_prompt = False
+
+    @property
+    def saves_encoder_output(self) -> bool:
+        return bool(self.prefix_projection)
+
+    def prepare_base(self, model, kind):
         """The transformers-5 signature shim (see compat.py), for classification models that need it."""
-        if kind in CLASSIFICATION_KINDS and needs_prefix_compat(model):
+        if kind in SIGNATURE_CHECKED_KINDS and needs_prefix_compat(model):
             add_prefix_compat(model)
         return model
 
@@ -70,13 +88,6 @@ class PrefixTuning(PromptLearningMethod):
         if self.prefix_projection:
             extra = {"prefix_projection": True, "encoder_hidden_size": int(self.options.projection_size)}
         return PrefixTuningConfig(**self._common_config(kind), **extra)
-
-    def apply(self, model, kind):
-        self.check_supported(model, kind)  # before touching the model
-        return super().apply(self._prepare(model, kind), kind)
-
-    def load(self, base_model, directory, kind):
-        return super().load(self._prepare(base_model, kind), directory, kind)
 
     def trainable_parameters_formula(self, model, kind):
         """Per peft's PrefixEncoder, with n tokens, L layers, d = hidden (key/value width on GQA models), p:

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from peftlab.errors import PeftlabError
-from peftlab.methods.base import PEFT_TASK_TYPES, BaseOptions, PeftMethod, option
+from peftlab.kinds import TaskKind
+from peftlab.methods.base import HUGE, SMALL, BaseOptions, PeftMethod, option
 from peftlab.methods.compat import add_generation_compat, describe_model, head_parameter_count, prompt_learning_dims
 
 INPUT_PROMPT_KINDS = ("seq-cls", "causal-lm", "seq2seq")
@@ -45,21 +46,31 @@ class PromptLearningMethod(PeftMethod):
                 kind, f"it supports only {', '.join(self.kinds)} tasks.")
             raise PeftlabError(f"Method '{self.name}' cannot run {kind} on {describe_model(model)}: {why}")
 
-    def apply(self, model, kind):
-        return self._finish(super().apply(model, kind), kind)
+    # Virtual tokens prepended to the input (prompt tuning, P-Tuning); False: per-layer key/value prefixes.
+    input_prompt = True
 
-    def load(self, base_model, directory, kind):
-        self.check_supported(base_model, kind)
-        return self._finish(super().load(base_model, directory, kind), kind)
-
-    @staticmethod
-    def _finish(peft_model, kind):
-        if kind in ("causal-lm", "seq2seq"):
+    def finish_loaded(self, peft_model, kind):
+        if TaskKind(kind).is_generative:
             add_generation_compat(peft_model)  # transformers-5 generate() fix, see compat.py
         return peft_model
 
     def _common_config(self, kind) -> dict:
-        return {"task_type": PEFT_TASK_TYPES[kind], "num_virtual_tokens": int(self.options.num_virtual_tokens)}
+        return {"task_type": TaskKind(kind).peft_task_type, "num_virtual_tokens": int(self.options.num_virtual_tokens)}
+
+    @property
+    def saves_encoder_output(self) -> bool:
+        """Whether training reparameterises the prompt through an encoder whose output alone is saved."""
+        return False
+
+    def memory_facts(self, applied):
+        n = int(self.options.num_virtual_tokens)
+        facts = {"virtual_tokens": n} if self.input_prompt else {
+            "prefix_tokens": n,
+            "prefix_projection": int(getattr(self.options, "projection_size", 0) or 0) if self.saves_encoder_output else 0,
+        }
+        if self.saves_encoder_output:
+            facts["inference_params"] = saved_prompt_parameters(applied)
+        return facts
 
     def inference_cost(self):
         n = self.options.num_virtual_tokens
@@ -92,6 +103,24 @@ class PromptTuning(PromptLearningMethod):
     summary = "trainable virtual-token embeddings prepended to the input"
     kinds = INPUT_PROMPT_KINDS
     Options = PromptTuningOptions
+    # Selection guide rows (peftlab recommend): task type -> (points, reason).
+    guide = {
+        "classification": (0.5, "input prompts alone lag fine-tuning on classification"),
+        "ner": (0.0, "prepends tokens, so outputs no longer line up with the labels"),
+        "qa": (0.0, "prepends tokens, so answer positions shift"),
+        "generation": (1.0, "input prompts only; weak below ~10B parameters (Lester et al. 2021)"),
+        "seq2seq": (1.5, "prompt tuning was introduced on T5 and scales with it (Lester et al. 2021)"),
+    }
+    few_shot_guide = (2.5, "few-shot favours prompt methods: few trainable values, hard to overfit")
+
+    peft_type = "PROMPT_TUNING"
+
+    def guide_adjustments(self, situation):
+        if situation.base_params >= HUGE:
+            return [(2.0, "at ~10B+ parameters prompt tuning matches fine-tuning (Lester et al. 2021)")]
+        if situation.base_params < SMALL:
+            return [(-1.0, "prompt tuning only catches up with fine-tuning at ~10B parameters (Lester et al. 2021)")]
+        return []
 
     def peft_config(self, model, kind):
         from peft import PromptTuningConfig
@@ -120,6 +149,21 @@ class PromptTuning(PromptLearningMethod):
         dims = prompt_learning_dims(model, kind, prefix=False)
         n = self.options.num_virtual_tokens * dims["submodules"]
         return n * dims["hidden"] + head_parameter_count(model, kind)
+
+
+def saved_prompt_parameters(peft_model) -> int:
+    """Parameters a saved adapter holds when peft keeps the encoder's output, not the encoder (P-Tuning, prefix MLP).
+
+    What peft writes is ``get_prompt_embedding_to_save``: the encoder's output for the virtual tokens. That
+    method copies to the CPU, which a meta tensor refuses, so its first lines are repeated here for the shape.
+    """
+    adapter = peft_model.active_adapter
+    encoder = peft_model.prompt_encoder[adapter]
+    tokens = peft_model.prompt_tokens[adapter].unsqueeze(0).to(encoder.embedding.weight.device)
+    tokens = tokens[:, : peft_model.peft_config[adapter].num_virtual_tokens]
+    kept = encoder(tokens)[0].numel()
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    return trainable - sum(p.numel() for p in encoder.parameters()) + kept
 
 
 def _name_or_path(model) -> str:

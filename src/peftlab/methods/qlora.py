@@ -27,13 +27,15 @@ from dataclasses import dataclass
 import torch
 
 from peftlab.errors import PeftlabError
-from peftlab.methods.base import HEAD_NAMES, PEFT_TASK_TYPES, BaseOptions, PeftMethod, head_modules, linear_shape, option
+from peftlab.kinds import TaskKind
+from peftlab.methods.base import SMALL, BaseOptions, PeftMethod, ServingFacts, option
+from peftlab.modelinfo import OUTPUT_HEAD_NAMES, head_modules, linear_shape
 from peftlab.methods.compat import (add_qa_token_type_compat, describe_model, head_parameter_count, is_linear,
                                     iter_layers, unwrap)
 
 # Modules kept in full precision: task heads (newly initialised, trained in full; quantising them fails
 # with "only Tensors of floating point dtype can require gradients") and the LM output layer.
-SKIP_QUANTIZATION = [*HEAD_NAMES, "lm_head"]
+SKIP_QUANTIZATION = list(OUTPUT_HEAD_NAMES)
 
 
 @dataclass
@@ -65,6 +67,16 @@ class QLoRA(PeftMethod):
     paper = "Dettmers et al. 2023, QLoRA: Efficient Finetuning of Quantized LLMs (NeurIPS 2023, arXiv:2305.14314)"
     summary = "LoRA on a frozen 4-bit NF4-quantised base"
     Options = QLoRAOptions
+    peft_type = "LORA"  # what it saves is a LoRA adapter; the 4-bit base is how it trains
+    quantized_base = True
+    # Selection guide rows (peftlab recommend): task type -> (points, reason).
+    guide = {
+        "classification": (1.0, "LoRA on a 4-bit base: for bases too big to train in 16/32 bits"),
+        "ner": (1.0, "LoRA on a 4-bit base: for bases too big to train in 16/32 bits"),
+        "qa": (1.0, "LoRA on a 4-bit base: for bases too big to train in 16/32 bits"),
+        "generation": (2.5, "LoRA quality on a 4-bit base at a fraction of the memory (Dettmers et al. 2023)"),
+        "seq2seq": (2.5, "LoRA quality on a 4-bit base at a fraction of the memory (Dettmers et al. 2023)"),
+    }
 
     def __init__(self, options=None, **overrides):
         super().__init__(options, **overrides)
@@ -130,7 +142,7 @@ class QLoRA(PeftMethod):
         from peft import LoraConfig
 
         return LoraConfig(
-            task_type=PEFT_TASK_TYPES[kind],
+            task_type=TaskKind(kind).peft_task_type,
             r=int(self.options.r),
             lora_alpha=int(self.options.alpha),
             lora_dropout=float(self.options.dropout),
@@ -148,7 +160,7 @@ class QLoRA(PeftMethod):
             gradient_checkpointing_kwargs={"use_reentrant": False})
         return add_qa_token_type_compat(get_peft_model(model, self.peft_config(model, kind)))
 
-    def load(self, base_model, directory, kind):
+    def load(self, base_model, directory, kind, *, adapter_name: str = "default"):
         from peft import PeftModel, prepare_model_for_kbit_training
 
         self.check_supported(base_model, kind)
@@ -156,7 +168,8 @@ class QLoRA(PeftMethod):
         keep_cpu_compute_in_float32(base_model)
         # the same dtype casts as in training (non-quantised half-precision weights -> float32), frozen
         base_model = prepare_model_for_kbit_training(base_model, use_gradient_checkpointing=False)
-        return add_qa_token_type_compat(PeftModel.from_pretrained(base_model, str(directory), is_trainable=False))
+        return add_qa_token_type_compat(PeftModel.from_pretrained(base_model, str(directory), adapter_name=adapter_name,
+                                                                   is_trainable=False))
 
     def merge(self, model):
         """A float32 transformers model with B·A folded in (see the module docstring). Consumes ``model``."""
@@ -202,6 +215,42 @@ class QLoRA(PeftMethod):
                 fan_in, fan_out = linear_shape(module)
                 total += int(self.options.r) * (fan_in + fan_out)
         return total + head_parameter_count(model, kind)
+
+    # ---- declared facts -----------------------------------------------------------------------
+    def serving_facts(self):
+        return ServingFacts(mode="peft", group=self.peft_type, mixed_batch=True,
+                            note="qlora adapter served on the full-precision base: outputs differ from the 4-bit "
+                                 "trained model by the base's quantisation error.")
+
+    def merge_note(self):
+        return ("qlora: merging into the 4-bit base would re-quantise W + B·A and lose most of the update (lossy), so "
+                "peftlab merges into a float32 copy of the base "
+                f"(merge_base={self.options.merge_base}); the output is a full-precision model (4x the size of the "
+                "4-bit base).")
+
+    def guide_adjustments(self, situation):
+        if situation.base_params < SMALL:
+            return [(-1.0, "on a model this small a 4-bit base saves little and slows training: use LoRA")]
+        return []
+
+    def apply_for_estimate(self, model, kind):
+        """LoRA with QLoRA's rank and targets on the unquantised meta model, plus what 4-bit storage holds."""
+        from peftlab.methods.lora import LoRA
+        from peftlab.modelinfo import is_linear as plain_linear
+
+        if kind not in self.kinds:
+            raise PeftlabError(f"Method '{self.name}' supports only {', '.join(self.kinds)} tasks.")
+        quantized = inputs = 0
+        for name, module in model.named_modules():
+            if plain_linear(module) and not any(part in SKIP_QUANTIZATION for part in name.split(".")):
+                quantized += sum(p.numel() for p in module.parameters(recurse=False) if p.dim() > 1)
+                inputs += linear_shape(module)[0]
+        lora = LoRA(r=int(self.options.r), alpha=int(self.options.alpha), dropout=float(self.options.dropout),
+                    target_modules=self._targets(model))
+        facts = {"quantized": quantized, "quantized_inputs": inputs,
+                 "gradient_checkpointing": bool(self.options.gradient_checkpointing),
+                 "optimizer": "adamw_8bit"}  # the paged 8-bit AdamW on CUDA; adamw on CPU (see memory.estimate)
+        return lora.apply(model, kind), facts
 
     def inference_cost(self):
         return ("none once merged into a float32 copy of the base (unmerged: 4-bit weights dequantised on the fly "

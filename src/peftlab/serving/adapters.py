@@ -252,9 +252,9 @@ def inspect_adapter(name: str, path: str | os.PathLike, *, base_name: str, base_
             n_outputs = 1
         else:
             if label_names is None:
-                from peftlab.inference import _labels_from_weights
+                from peftlab.inference import labels_from_weights
 
-                label_names = _labels_from_weights(adapter_dir)
+                label_names = labels_from_weights(adapter_dir)
             if not label_names:
                 raise PeftlabError("it is a classification adapter without label names or a trained head.")
             n_outputs = len(label_names)

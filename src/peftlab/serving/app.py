@@ -27,6 +27,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from peftlab.errors import PeftlabError
+from peftlab.kinds import TaskKind
 from peftlab.serving.engine import AdapterConflict, AdapterGone, Engine, Job, Overloaded, UnknownAdapter
 
 MAX_INPUTS = 64
@@ -120,7 +121,6 @@ def create_app(engine: Engine, *, max_inputs: int = MAX_INPUTS, max_chars: int =
                 raise ApiError(413, f"Input {number} is {size} characters long; the limit is {max_chars} per input.")
 
     async def run(op: str, body: PredictRequest, max_new_tokens: int = 32) -> dict[str, Any]:
-        from peftlab.inference import _normalize_input
 
         started = time.perf_counter()
         name = body.adapter
@@ -137,7 +137,8 @@ def create_app(engine: Engine, *, max_inputs: int = MAX_INPUTS, max_chars: int =
                 raise ApiError(422, f"Adapter '{name}' is a {entry.kind} adapter: use POST /v1/predict.")
             check_inputs(body.inputs)
             try:
-                records = [_normalize_input(item, entry.kind, f"input {i + 1}") for i, item in enumerate(body.inputs)]
+                records = [TaskKind(entry.kind).record_from_input(item, f"input {i + 1}")
+                           for i, item in enumerate(body.inputs)]
             except PeftlabError as error:
                 raise ApiError(422, str(error)) from None
             job = Job(entry=entry, op=op, records=records, raw=list(body.inputs), max_new_tokens=max_new_tokens)

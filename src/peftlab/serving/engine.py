@@ -211,7 +211,7 @@ class AdapterEntry:
 class Job:
     entry: AdapterEntry
     op: str  # "predict" | "generate"
-    records: list[dict]  # normalised inputs (peftlab.inference._normalize_input)
+    records: list[dict]  # normalised inputs (peftlab.kinds.TaskKind.record_from_input)
     raw: list[Any]
     max_new_tokens: int = 32
     future: Future = field(default_factory=Future)
@@ -804,7 +804,7 @@ def _encode(job: Job):
 
 def _postprocess(job: Job, encoding, rows) -> list[dict[str, Any]]:
     """The same result objects as ``peftlab.inference.predict``."""
-    from peftlab.inference import _entities
+    from peftlab.inference import entities_from_tags
 
     entry = job.entry
     manifest = entry.spec.manifest
@@ -830,5 +830,5 @@ def _postprocess(job: Job, encoding, rows) -> list[dict[str, Any]]:
                     tags.append(names[int(logits[position].argmax())])
                 previous = word
             tags += ["O"] * (len(record["tokens"]) - len(tags))
-            results.append({"tokens": record["tokens"], "tags": tags, "entities": _entities(record["tokens"], tags)})
+            results.append({"tokens": record["tokens"], "tags": tags, "entities": entities_from_tags(record["tokens"], tags)})
     return results

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from peftlab.errors import PeftlabError
+from peftlab.kinds import ALL_KINDS, TaskKind  # noqa: F401 (TaskKind re-exported for task modules)
 
-TASK_KINDS = ("seq-cls", "token-cls", "causal-lm", "seq2seq", "qa")
+TASK_KINDS = ALL_KINDS
 SPLITS = ("train", "dev")
 DATA_DIR_ENV = "PEFTLAB_DATA_DIR"
 
@@ -58,6 +59,9 @@ class Task:
     is_regression: bool = False
     higher_is_better: bool = True  # False for loss/perplexity
     options: dict[str, Any] = field(default_factory=dict)  # what the user passed (files, columns)
+
+    def __post_init__(self):
+        self.kind = TaskKind.parse(self.kind)
 
     def load(self, split: str, data_dir: str | os.PathLike | None = None):
         """The split as a normalized ``datasets.Dataset`` (see the module docstring)."""
@@ -100,6 +104,15 @@ class Task:
             "is_regression": self.is_regression,
             "options": self.options,
         }
+
+
+def select(dataset, limit: int | None, seed: int):
+    """A seeded random subset of ``limit`` examples (the whole set when ``limit`` is None)."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    if limit <= 0:
+        raise PeftlabError(f"The example limit must be positive; got {limit}.")
+    return dataset.shuffle(seed=seed).select(range(limit))
 
 
 def load_hub_dataset(path: str, name: str | None, split: str, task_name: str):
