@@ -26,6 +26,7 @@ from peftlab.errors import PeftlabError
 from peftlab.kinds import TaskKind
 
 MANIFEST = "peftlab.json"
+ADAPTER_DIR = "adapter"  # the run folder's subfolder with the trained weights
 
 
 @dataclass
@@ -41,7 +42,7 @@ class RunManifest:
     max_length: int = 128
     precision: str = "fp32"
     peftlab_version: str = ""
-    adapter_dir: str = "adapter"  # relative to the run folder
+    adapter_dir: str = ADAPTER_DIR  # relative to the run folder
 
     def __post_init__(self):
         self.kind = TaskKind.parse(self.kind, "task kind in the run manifest")
@@ -86,8 +87,8 @@ def read_run(path: str | os.PathLike) -> tuple[RunManifest, Path]:
     peft_config = run_dir / "adapter_config.json"
     if peft_config.is_file():
         return _manifest_from_peft(peft_config), run_dir
-    if (run_dir / "adapter" / "adapter_config.json").is_file():
-        return _manifest_from_peft(run_dir / "adapter" / "adapter_config.json"), run_dir / "adapter"
+    if (run_dir / ADAPTER_DIR / "adapter_config.json").is_file():
+        return _manifest_from_peft(run_dir / ADAPTER_DIR / "adapter_config.json"), run_dir / ADAPTER_DIR
     raise PeftlabError(
         f"'{run_dir}' is neither a peftlab run folder (no {MANIFEST}) nor a peft adapter folder "
         "(no adapter_config.json). Pass the --output folder of `peftlab train` or a peft adapter folder."
