@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from peftlab.kinds import TaskKind
 from peftlab.preprocess import IGNORE_INDEX, collator
 
 N_BEST = 20  # candidate start and end positions per window (run_qa.py's n_best_size)
@@ -45,7 +46,7 @@ def evaluate_model(model, task, tokenizer, dev_data, dev_raw=None, *, label_name
     from peftlab.hardware import autocast
 
     kind = task.kind
-    if kind == "qa":
+    if kind == TaskKind.QA:
         if dev_raw is None:
             raise ValueError("scoring a qa task needs the raw dev examples (dev_raw) to read answers from")
         answers = qa_answers(model, tokenizer, dev_data, dev_raw["context"], batch_size=batch_size,
@@ -62,16 +63,16 @@ def evaluate_model(model, task, tokenizer, dev_data, dev_raw=None, *, label_name
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(precision):
                 outputs = model(**batch)
-            if kind in ("causal-lm", "seq2seq"):
+            if TaskKind(kind).is_generative:
                 labels = batch["labels"]
-                count = int((labels[:, 1:] != IGNORE_INDEX).sum()) if kind == "causal-lm" else int((labels != IGNORE_INDEX).sum())
+                count = int((labels[:, 1:] != IGNORE_INDEX).sum()) if kind == TaskKind.CAUSAL_LM else int((labels != IGNORE_INDEX).sum())
                 loss_sum += float(outputs.loss) * count
                 token_count += count
                 continue
             logits = outputs.logits.float().cpu()
             labels = batch["labels"].cpu()
             for row, index in enumerate(indices):
-                if kind == "seq-cls":
+                if kind == TaskKind.SEQ_CLS:
                     if task.is_regression:
                         predictions[index] = float(logits[row].reshape(-1)[0])
                         references[index] = float(labels[row])
@@ -85,7 +86,7 @@ def evaluate_model(model, task, tokenizer, dev_data, dev_raw=None, *, label_name
     finally:
         if was_training:
             model.train()
-    if kind in ("causal-lm", "seq2seq"):
+    if TaskKind(kind).is_generative:
         from peftlab import metrics
 
         return metrics.language_modeling(loss_sum / max(token_count, 1))
@@ -112,7 +113,7 @@ def qa_answers(model, tokenizer, features, contexts: list[str], *, batch_size: i
     end_logits: dict[int, np.ndarray] = {}
     lengths = features["length"][:]  # [:] reads a datasets column into a list once
     try:
-        for indices, batch in batches(features, "qa", tokenizer, batch_size):
+        for indices, batch in batches(features, TaskKind.QA, tokenizer, batch_size):
             inputs = {k: v.to(device) for k, v in batch.items() if k not in ("start_positions", "end_positions")}
             with autocast(precision):
                 outputs = model(**inputs)

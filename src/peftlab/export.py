@@ -35,6 +35,7 @@ from typing import Any
 
 from peftlab.artifacts import RunManifest, read_run, write_json
 from peftlab.errors import PeftlabError
+from peftlab.version import __version__
 from peftlab.kinds import TaskKind
 
 REPORT_NAME = "export_report.json"
@@ -43,9 +44,9 @@ INT8_FILE = "model.int8.onnx"
 OPSET = 17
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 EXPORTER = "torch.onnx.export (TorchScript exporter, dynamo=False)"
-KIND_BY_ARCHITECTURE = (("ForSequenceClassification", "seq-cls"), ("ForTokenClassification", "token-cls"),
-                        ("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"),
-                        ("ForConditionalGeneration", "seq2seq"))
+KIND_BY_ARCHITECTURE = (("ForSequenceClassification", TaskKind.SEQ_CLS), ("ForTokenClassification", TaskKind.TOKEN_CLS),
+                        ("ForCausalLM", TaskKind.CAUSAL_LM), ("LMHeadModel", TaskKind.CAUSAL_LM),
+                        ("ForConditionalGeneration", TaskKind.SEQ2SEQ))
 
 
 def _logits_module(model, kind: str, input_names: list[str]):
@@ -59,7 +60,7 @@ def _logits_module(model, kind: str, input_names: list[str]):
 
         def forward(self, *tensors):
             inputs = dict(zip(input_names, tensors))
-            if kind == "causal-lm":
+            if kind == TaskKind.CAUSAL_LM:
                 inputs["use_cache"] = False
             return self.inner(**inputs).logits
 
@@ -102,7 +103,7 @@ def _load_model_folder(folder: Path):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     labels = report.get("label_names")
-    if labels is None and kind in ("seq-cls", "token-cls") and getattr(config, "id2label", None):
+    if labels is None and TaskKind(kind).is_classification and getattr(config, "id2label", None):
         labels = [config.id2label[i] for i in sorted(config.id2label)]
     manifest = RunManifest(
         method=report.get("method", "merged"), model=report.get("model", str(folder)), kind=kind,
@@ -121,7 +122,6 @@ def export(*, adapter: str | os.PathLike | None = None, model: str | os.PathLike
     """Export to ONNX, verify with onnxruntime, optionally add an int8 variant; returns the report."""
     import torch
 
-    import peftlab
 
     if fmt != "onnx":
         raise PeftlabError(f"Unknown export format '{fmt}': peftlab exports onnx.")
@@ -149,8 +149,8 @@ def export(*, adapter: str | os.PathLike | None = None, model: str | os.PathLike
         manifest, tokenizer = loaded.manifest, loaded.tokenizer
         method = loaded.method
         if method.mergeable:
-            if method.name == "qlora":
-                notes.append("qlora was merged into a float32 copy of the base (merging into 4-bit weights is lossy).")
+            if method.merge_note():
+                notes.append(method.merge_note())
             network = merged_model(loaded)
             merged = True
         else:
@@ -163,11 +163,11 @@ def export(*, adapter: str | os.PathLike | None = None, model: str | os.PathLike
         merged, source_type = True, "model"
         method = None
     kind = manifest.kind
-    if kind == "qa":
+    if kind == TaskKind.QA:
         raise PeftlabError("ONNX export of extractive question-answering (qa) models is not supported by peftlab "
                            "(their two span outputs need their own post-processing): use `peftlab predict`, or "
                            "`peftlab merge` and load the merged folder with transformers.")
-    if kind == "seq2seq":
+    if kind == TaskKind.SEQ2SEQ:
         raise PeftlabError("ONNX export of encoder-decoder (seq2seq) models is not supported by peftlab: export "
                            "seq-cls, token-cls or causal-lm models.")
     for parameter in network.parameters():
@@ -181,7 +181,7 @@ def export(*, adapter: str | os.PathLike | None = None, model: str | os.PathLike
     input_names = [name for name in INPUT_NAMES if name in probe]
     wrapper = _logits_module(network, kind, input_names)
     dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in input_names}
-    dynamic_axes["logits"] = {0: "batch"} if kind == "seq-cls" else {0: "batch", 1: "sequence"}
+    dynamic_axes["logits"] = {0: "batch"} if kind == TaskKind.SEQ_CLS else {0: "batch", 1: "sequence"}
 
     staging = out.parent / f".{out.name}.export-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -237,7 +237,7 @@ def export(*, adapter: str | os.PathLike | None = None, model: str | os.PathLike
             "verification": {"runtime": "onnxruntime CPUExecutionProvider", "max_abs_diff": difference,
                              "tolerance": tolerance, "inputs": checked, "sample_source": sample_source},
             "notes": notes,
-            "peftlab_version": peftlab.__version__,
+            "peftlab_version": __version__,
             "torch_version": torch.__version__,
             "onnxruntime_version": _ort_version(),
         }
@@ -333,7 +333,7 @@ def _verify(session, wrapper, tokenizer, kind, records, max_length, input_names)
 
 def _dev_records(manifest: RunManifest, data_dir, limit):
     """(task, dev records with references) or (None, reason)."""
-    if manifest.kind not in ("seq-cls", "token-cls"):
+    if not TaskKind(manifest.kind).is_classification:
         return None, f"dev-set scoring covers classification and tagging models, not {manifest.kind}."
     if not manifest.task:
         return None, "the model does not record its task (export a `peftlab merge` output or a train folder)."
@@ -366,7 +366,7 @@ def ort_scores(session, tokenizer, task, rows, manifest: RunManifest, input_name
         encoded = encode_records(tokenizer, kind, records, manifest.max_length)
         logits = session.run(["logits"], _feed(encoded, input_names))[0]
         for row, index in enumerate(indices):
-            if kind == "seq-cls":
+            if kind == TaskKind.SEQ_CLS:
                 if manifest.is_regression:
                     predictions[index] = float(np.asarray(logits[row]).reshape(-1)[0])
                     references[index] = float(rows[index]["label"])
@@ -416,10 +416,10 @@ def _quantize_int8(folder: Path, fp32_session, tokenizer, manifest, data_dir, li
     task, rows = loaded
     fp32_scores, fp32_ms, fp32_predictions = ort_scores(fp32_session, tokenizer, task, rows, manifest, input_names)
     int8_scores, int8_ms, int8_predictions = ort_scores(int8_session, tokenizer, task, rows, manifest, input_names)
-    if manifest.kind == "seq-cls" and not manifest.is_regression:
+    if manifest.kind == TaskKind.SEQ_CLS and not manifest.is_regression:
         same = sum(a == b for a, b in zip(fp32_predictions, int8_predictions))
         agreement = same / max(1, len(fp32_predictions))
-    elif manifest.kind == "token-cls":
+    elif manifest.kind == TaskKind.TOKEN_CLS:
         pairs = [(a, b) for x, y in zip(fp32_predictions, int8_predictions) for a, b in zip(x, y)]
         agreement = sum(a == b for a, b in pairs) / max(1, len(pairs))
     else:

@@ -57,7 +57,7 @@ def load_trained(adapter: str | Path, *, device: str | None = None, base_model: 
     manifest, adapter_dir = read_run(adapter)
     if base_model:
         manifest.model = base_model
-    if manifest.kind in ("seq-cls", "token-cls") and manifest.label_names is None and not manifest.is_regression:
+    if TaskKind(manifest.kind).is_classification and manifest.label_names is None and not manifest.is_regression:
         manifest.label_names = labels_from_weights(adapter_dir)
     options = {k: v for k, v in manifest.method_options.items()}
     method = get_method(manifest.method, **options)
@@ -127,11 +127,11 @@ def generation_scores(loaded: Loaded, task, rows, *, max_new_tokens: int = 64) -
     """Generate (greedily) for dev ``rows`` and score the texts with ``task.generation_metrics`` (BillSum:
     ROUGE-L). Returns the scores, the number of examples and the generated/reference pairs."""
     scorer = getattr(task, "generation_metrics", None)
-    if scorer is None or task.kind not in ("seq2seq", "causal-lm"):
+    if scorer is None or not TaskKind(task.kind).is_generative:
         having = [name for name in _task_names_safe() if callable(getattr(_task_class(name), "generation_metrics", None))]
         raise PeftlabError(f"Task '{task.name}' has no generation metric to score generated text with "
                            f"(tasks that have one: {', '.join(having)}); leave out --generate.")
-    source_key, target_key = ("source", "target") if task.kind == "seq2seq" else ("prompt", "response")
+    source_key, target_key = ("source", "target") if task.kind == TaskKind.SEQ2SEQ else ("prompt", "response")
     started = time.perf_counter()
     outputs = predict(loaded, [{source_key: row[source_key]} for row in rows], max_new_tokens=max_new_tokens)
     predictions = [output["generated"] for output in outputs]
@@ -177,12 +177,12 @@ def predict(adapter: str | Path | Loaded, inputs: list[Any], *, batch_size: int 
     resolved = resolve_precision(precision)
     results: list[dict[str, Any]] = []
     max_length = loaded.manifest.max_length
-    if kind == "qa":
+    if kind == TaskKind.QA:
         return _answer_questions(loaded, records, batch_size=batch_size, precision=resolved)
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
         with torch.no_grad(), autocast(resolved):
-            if kind == "seq-cls":
+            if kind == TaskKind.SEQ_CLS:
                 pairs = [r["text_pair"] for r in chunk]
                 encoded = tokenizer([r["text"] for r in chunk],
                                     [p or "" for p in pairs] if any(p is not None for p in pairs) else None,
@@ -200,7 +200,7 @@ def predict(adapter: str | Path | Loaded, inputs: list[Any], *, batch_size: int 
                         "label": names[best], "score": float(probabilities[best]),
                         "probabilities": {names[i]: float(p) for i, p in enumerate(probabilities)},
                     })
-            elif kind == "token-cls":
+            elif kind == TaskKind.TOKEN_CLS:
                 encoded = tokenizer([r["tokens"] for r in chunk], is_split_into_words=True, truncation=True,
                                     max_length=max_length, padding=True, return_tensors="pt")
                 logits = model(**{k: v.to(device) for k, v in encoded.items()}).logits.float().cpu()
@@ -226,7 +226,7 @@ def _answer_questions(loaded: Loaded, records: list[dict], *, batch_size: int, p
     from peftlab.preprocess import tokenize
 
     raw = datasets.Dataset.from_list(records)
-    features = tokenize(raw, "qa", loaded.tokenizer, max_length=loaded.manifest.max_length, label_names=None,
+    features = tokenize(raw, TaskKind.QA, loaded.tokenizer, max_length=loaded.manifest.max_length, label_names=None,
                         with_labels=False)
     answers = qa_answers(loaded.model, loaded.tokenizer, features, [r["context"] for r in records],
                          batch_size=batch_size, precision=precision)
@@ -242,7 +242,7 @@ def entities_from_tags(tokens: list[str], tags: list[str]) -> list[dict[str, Any
 
 def _generate(loaded: Loaded, chunk: list[dict], max_new_tokens: int, device) -> list[dict]:
     tokenizer, model = loaded.tokenizer, loaded.model
-    if loaded.kind == "seq2seq":
+    if loaded.kind == TaskKind.SEQ2SEQ:
         texts = [r["source"] for r in chunk]
         encoded = tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(device)
         output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False)

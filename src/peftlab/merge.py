@@ -34,8 +34,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from peftlab.artifacts import RunManifest, read_run, write_json
+from peftlab.artifacts import ADAPTER_DIR, RunManifest, read_run, write_json
 from peftlab.errors import PeftlabError
+from peftlab.version import __version__
 from peftlab.kinds import TaskKind
 
 REPORT_NAME = "peftlab_merge.json"
@@ -92,13 +93,13 @@ def sample_records(manifest: RunManifest, count: int, data_dir: str | None = Non
             pass
     texts = [SYNTHETIC_TEXTS[i % len(SYNTHETIC_TEXTS)] for i in range(count)]
     kind = manifest.kind
-    if kind == "token-cls":
+    if kind == TaskKind.TOKEN_CLS:
         records = [{"tokens": t.split()} for t in texts]
-    elif kind == "causal-lm":
+    elif kind == TaskKind.CAUSAL_LM:
         records = [{"prompt": t} for t in texts]
-    elif kind == "seq2seq":
+    elif kind == TaskKind.SEQ2SEQ:
         records = [{"source": t} for t in texts]
-    elif kind == "qa":  # each text asked about with another one as the question
+    elif kind == TaskKind.QA:  # each text asked about with another one as the question
         records = [{"question": SYNTHETIC_TEXTS[(i + 7) % len(SYNTHETIC_TEXTS)], "context": t}
                    for i, t in enumerate(texts)]
     else:
@@ -108,17 +109,17 @@ def sample_records(manifest: RunManifest, count: int, data_dir: str | None = Non
 
 def encode_records(tokenizer, kind: str, records: list[dict], max_length: int) -> dict:
     """Model inputs (padded ``pt`` tensors) for records, tokenised the way ``peftlab predict`` does."""
-    if kind == "token-cls":
+    if kind == TaskKind.TOKEN_CLS:
         return dict(tokenizer([r["tokens"] for r in records], is_split_into_words=True, truncation=True,
                               max_length=max_length, padding=True, return_tensors="pt"))
-    if kind == "causal-lm":
+    if kind == TaskKind.CAUSAL_LM:
         return dict(tokenizer([r["prompt"] for r in records], truncation=True, max_length=max_length,
                               padding=True, return_tensors="pt"))
-    if kind == "seq2seq":
+    if kind == TaskKind.SEQ2SEQ:
         encoded = dict(tokenizer([r["source"] for r in records], truncation=True, max_length=max_length,
                                  padding=True, return_tensors="pt"))
         return encoded
-    if kind == "qa":  # every window of every context (long contexts give several rows), as predict sees them
+    if kind == TaskKind.QA:  # every window of every context (long contexts give several rows), as predict sees them
         from peftlab.preprocess import encode_qa
 
         windows = encode_qa(tokenizer, [r["question"] for r in records], [r["context"] for r in records],
@@ -140,14 +141,14 @@ def model_logits(model, encoded: dict, kind: str):
 
     device = model_device(model)
     inputs = {k: v.to(device) for k, v in encoded.items()}
-    if kind == "seq2seq":
+    if kind == TaskKind.SEQ2SEQ:
         start = getattr(getattr(model, "config", None), "decoder_start_token_id", None) or 0
         prefix = inputs["input_ids"][:, :8]
         inputs["decoder_input_ids"] = torch.cat(
             [torch.full((prefix.shape[0], 1), int(start), dtype=prefix.dtype, device=device), prefix], dim=1)
     with torch.no_grad():
         outputs = model(**inputs)
-    if kind == "qa":  # (batch, tokens, 2): start and end logits side by side
+    if kind == TaskKind.QA:  # (batch, tokens, 2): start and end logits side by side
         return torch.stack([outputs.start_logits, outputs.end_logits], dim=-1).float().cpu()
     return outputs.logits.float().cpu()
 
@@ -160,7 +161,7 @@ def max_abs_difference(reference, other, encoded: dict, kind: str) -> float:
         raise PeftlabError(f"merged and unmerged outputs have different shapes ({tuple(other.shape)} vs "
                            f"{tuple(reference.shape)}).")
     difference = (reference - other).abs()
-    if kind in ("token-cls", "causal-lm", "qa") and "attention_mask" in encoded and difference.dim() == 3:
+    if kind != TaskKind.SEQ2SEQ and "attention_mask" in encoded and difference.dim() == 3:  # per-token outputs
         mask = encoded["attention_mask"].bool()
         difference = difference[mask]
     if difference.numel() == 0:
@@ -187,7 +188,7 @@ def prepare_config(model, manifest: RunManifest) -> None:
                 delattr(config, attribute)
             except AttributeError:
                 pass
-    if manifest.kind in ("seq-cls", "token-cls"):
+    if TaskKind(manifest.kind).is_classification:
         if manifest.is_regression:
             config.num_labels = 1
             config.problem_type = "regression"
@@ -205,7 +206,7 @@ def merged_model(loaded) -> Any:
     method = loaded.method
     if not method.mergeable:
         raise PeftlabError(not_mergeable_message(method, loaded.adapter_dir.parent
-                                                 if loaded.adapter_dir.name == "adapter" else loaded.adapter_dir))
+                                                 if loaded.adapter_dir.name == ADAPTER_DIR else loaded.adapter_dir))
     model = method.merge(loaded.model)
     from peftlab.methods.compat import remove_prefix_compat
 
@@ -224,7 +225,6 @@ def merge(adapter: str | os.PathLike, output: str | os.PathLike, *, samples: int
     import torch
     import transformers
 
-    import peftlab
     from peftlab.inference import load_trained
     from peftlab.methods import get_method
 
@@ -246,11 +246,8 @@ def merge(adapter: str | os.PathLike, output: str | os.PathLike, *, samples: int
 
     notes: list[str] = []
     say = (lambda text: None) if quiet else (lambda text: print(text, flush=True))
-    if method.name == "qlora":
-        note = ("warning: qlora: merging into the 4-bit base would re-quantise W + B·A and lose most of the "
-                "update (lossy), so peftlab merges into a float32 copy of the base "
-                f"(merge_base={getattr(method.options, 'merge_base', 'dequantized')}); the output is a full-precision "
-                "model (4x the size of the 4-bit base).")
+    if method.merge_note():
+        note = f"warning: {method.merge_note()}"
         notes.append(note)
         print(note, file=sys.stderr, flush=True)
 
@@ -299,7 +296,7 @@ def merge(adapter: str | os.PathLike, output: str | os.PathLike, *, samples: int
             "samples": len(records),
             "sample_source": sample_source,
             "notes": notes,
-            "peftlab_version": peftlab.__version__,
+            "peftlab_version": __version__,
             "torch_version": torch.__version__,
             "transformers_version": transformers.__version__,
         }
