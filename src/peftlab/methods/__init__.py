@@ -1,7 +1,10 @@
 """The method registry: a ``--method`` name -> the module whose ``Method`` subclass implements it.
 
 Adding a method is one new module under ``peftlab/methods/`` plus one line here; a method defined
-outside the package (a plugin, a test) joins with ``register_method``. Everything else (train, eval,
+outside the package (a plugin, a test) joins with ``register_method``. So that separate processes (the
+CLI, ``compare``'s isolated workers, ``torchrun`` ranks) see it too, the registry imports the modules of
+the ``peftlab.methods`` entry-point group (a plugin package's ``pyproject.toml``) and those named in
+``$PEFTLAB_PLUGINS`` (comma-separated module names) the first time it is asked. Everything else (train, eval,
 methods, compare, recommend, the memory estimate, serve) finds it through this registry and reads
 the facts it declares (``peftlab.methods.base.Method``).
 """
@@ -9,6 +12,7 @@ the facts it declares (``peftlab.methods.base.Method``).
 from __future__ import annotations
 
 import importlib
+import os
 
 from peftlab.errors import PeftlabError, did_you_mean
 from peftlab.methods.base import CATEGORIES, Method
@@ -27,7 +31,31 @@ _REGISTRY: dict[str, tuple[str, str] | type[Method]] = {
 }
 
 
+PLUGINS_ENV = "PEFTLAB_PLUGINS"
+ENTRY_POINT_GROUP = "peftlab.methods"
+_plugins_loaded = False
+
+
+def load_plugins() -> None:
+    """Import the plugin modules once: entry points of ``peftlab.methods`` and ``$PEFTLAB_PLUGINS``."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True  # before importing: a plugin's own register_method call must not recurse
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        entry.load()
+    for module_name in filter(None, (part.strip() for part in os.environ.get(PLUGINS_ENV, "").split(","))):
+        try:
+            importlib.import_module(module_name)
+        except ImportError as error:
+            raise PeftlabError(f"${PLUGINS_ENV} names module '{module_name}', which cannot be imported ({error}). "
+                               "Fix the name or its PYTHONPATH, or unset the variable.") from None
+
+
 def method_names() -> list[str]:
+    load_plugins()
     return list(_REGISTRY)
 
 
@@ -51,6 +79,7 @@ def unregister_method(name: str) -> None:
 
 
 def get_method_class(name: str) -> type[Method]:
+    load_plugins()
     if name not in _REGISTRY:
         raise PeftlabError(f"Unknown method '{name}'. {did_you_mean(name, method_names())}")
     entry = _REGISTRY[name]
@@ -83,11 +112,12 @@ def parse_methods(spec: str | list[str]) -> list[str]:
         return method_names()
     if not names:
         raise PeftlabError(f"No methods given. Use 'all' or a comma list of: {', '.join(method_names())}.")
+    known = method_names()
     for name in names:
-        if name not in _REGISTRY:
+        if name not in known:
             raise PeftlabError(f"Unknown method '{name}'. {did_you_mean(name, method_names())}")
     return names
 
 
 __all__ = ["Method", "CATEGORIES", "get_method", "get_method_class", "method_names", "parse_methods",
-           "register_method", "unregister_method", "method_for_peft_type"]
+           "register_method", "unregister_method", "method_for_peft_type", "load_plugins"]

@@ -16,7 +16,7 @@ from peftlab.kinds import TaskKind
 from peftlab.methods.base import HUGE, SMALL, BaseOptions, PeftMethod, option
 from peftlab.methods.compat import add_generation_compat, describe_model, head_parameter_count, prompt_learning_dims
 
-INPUT_PROMPT_KINDS = ("seq-cls", "causal-lm", "seq2seq")
+INPUT_PROMPT_KINDS = (TaskKind.SEQ_CLS, TaskKind.CAUSAL_LM, TaskKind.SEQ2SEQ)
 _TOKEN_CLS_WHY = (
     "its virtual tokens are prepended to the input, so the model emits {n} extra token positions and "
     "per-token labels no longer line up; use p-tuning-v2 (a per-layer prefix that keeps the sequence length) "
@@ -42,7 +42,7 @@ class PromptLearningMethod(PeftMethod):
     def check_supported(self, model, kind):
         if kind not in self.kinds:
             n = self.options.num_virtual_tokens
-            why = {"token-cls": _TOKEN_CLS_WHY.format(n=n), "qa": _QA_WHY.format(n=n)}.get(
+            why = {TaskKind.TOKEN_CLS: _TOKEN_CLS_WHY.format(n=n), TaskKind.QA: _QA_WHY.format(n=n)}.get(
                 kind, f"it supports only {', '.join(self.kinds)} tasks.")
             raise PeftlabError(f"Method '{self.name}' cannot run {kind} on {describe_model(model)}: {why}")
 
