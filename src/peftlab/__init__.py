@@ -10,6 +10,9 @@ The Python API that notebooks and the CLI use:
 
 from peftlab.errors import PeftlabError  # noqa: E402
 from peftlab.version import __version__  # noqa: E402
+from peftlab.quiet import silence_startup_noise  # noqa: E402
+
+silence_startup_noise()
 
 
 def __getattr__(name):  # lazy: importing peftlab must not import torch
