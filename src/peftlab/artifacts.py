@@ -115,6 +115,36 @@ def _manifest_from_peft(config_path: Path) -> RunManifest:
     return RunManifest(method=method, model=base, kind=kind)
 
 
+def prepare_output_folder(output: str | os.PathLike, *, source: str | os.PathLike, marker: str, command: str,
+                          overwrite: bool = False) -> Path:
+    """The resolved ``--output`` of ``peftlab merge``/``export``, checked before any work.
+
+    Refused: a folder that overlaps the source, a file, a non-empty folder that is not an earlier output of
+    the same command (identified by its ``marker`` report file; such folders are never deleted), an earlier
+    output unless ``overwrite``, and a place this process cannot write. The command writes into a staging
+    folder beside it and renames it into place, so a failure leaves the old output as it was."""
+    out = Path(output).expanduser().resolve()
+    origin = Path(source).expanduser().resolve()
+    if out == origin or origin in out.parents or out in origin.parents:
+        raise PeftlabError(f"--output '{out}' overlaps the source folder '{origin}': choose a separate folder.")
+    if out.exists() and not out.is_dir():
+        raise PeftlabError(f"--output '{out}' is a file: choose a folder (a new or empty one).")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / marker).is_file():
+            raise PeftlabError(f"'{out}' already exists and is not an earlier `peftlab {command}` output: choose "
+                               "another --output or empty it yourself (peftlab never deletes other files).")
+        if not overwrite:
+            raise PeftlabError(f"'{out}' already holds a `peftlab {command}` output: pass --overwrite to replace it, "
+                               "or choose another --output.")
+    existing = out.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PeftlabError(f"Cannot write --output '{out}': '{existing}' is not writable by this user. "
+                           "Choose a folder you can write to.")
+    return out
+
+
 def write_json(path: Path, payload: Any) -> None:
     atomic_write_text(Path(path), json.dumps(payload, indent=2, default=_jsonable) + "\n")
 

@@ -218,7 +218,7 @@ def cmd_compare(args, extra):
 def cmd_merge(args, extra):
     from peftlab.merge import merge
 
-    merge(args.adapter, args.output, samples=args.samples, tolerance=args.tolerance)
+    merge(args.adapter, args.output, samples=args.samples, tolerance=args.tolerance, overwrite=args.overwrite)
     return 0
 
 
@@ -226,7 +226,7 @@ def cmd_export(args, extra):
     from peftlab.export import export
 
     export(adapter=args.adapter, model=args.model, output=args.output, fmt=args.format, quantize=args.quantize,
-           data_dir=args.data_dir)
+           data_dir=args.data_dir, overwrite=args.overwrite)
     return 0
 
 
@@ -328,6 +328,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, set[str]]]:
     sub.add_argument("--samples", type=int, default=16, help="inputs used to verify merged == unmerged")
     sub.add_argument("--tolerance", type=float, default=1e-4,
                      help="largest allowed |merged - unmerged| output, relative to the largest |output| (at least 1)")
+    sub.add_argument("--overwrite", action="store_true", help="replace an earlier `peftlab merge` output at --output")
     sub.set_defaults(handler=cmd_merge)
 
     sub = commands.add_parser("export", help="export a merged model (or adapter) to ONNX")
@@ -338,6 +339,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, set[str]]]:
     sub.add_argument("--output", required=True)
     sub.add_argument("--quantize", choices=["int8"], default=None)
     sub.add_argument("--data-dir", default=None)
+    sub.add_argument("--overwrite", action="store_true", help="replace an earlier `peftlab export` output at --output")
     sub.set_defaults(handler=cmd_export)
 
     sub = commands.add_parser("serve", help="serve many adapters over one base model (HTTP)")

@@ -33,7 +33,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from peftlab.artifacts import RunManifest, read_run, write_json
+from peftlab.artifacts import RunManifest, prepare_output_folder, read_run, write_json
 from peftlab.errors import PeftlabError
 from peftlab.version import __version__
 from peftlab.kinds import TaskKind
@@ -118,8 +118,9 @@ def _load_model_folder(folder: Path):
 def export(*, adapter: str | os.PathLike | None = None, model: str | os.PathLike | None = None,
            output: str | os.PathLike, fmt: str = "onnx", quantize: str | None = None, data_dir: str | None = None,
            tolerance: float = 1e-4, samples: int = 8, max_eval_samples: int | None = None,
-           quiet: bool = False) -> dict[str, Any]:
-    """Export to ONNX, verify with onnxruntime, optionally add an int8 variant; returns the report."""
+           quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Export to ONNX, verify with onnxruntime, optionally add an int8 variant; returns the report. An earlier
+    export at ``output`` is replaced only with ``overwrite``."""
     import torch
 
 
@@ -131,13 +132,8 @@ def export(*, adapter: str | os.PathLike | None = None, model: str | os.PathLike
         raise PeftlabError("Pass exactly one of --adapter (a train folder) or --model (a merged model folder).")
     _require_onnx()
     say = (lambda text: None) if quiet else (lambda text: print(text, flush=True))
-    out = Path(output).expanduser().resolve()
     source = Path(adapter if adapter is not None else model).expanduser().resolve()
-    if out == source or source in out.parents:
-        raise PeftlabError(f"--output '{out}' is inside the source folder '{source}': choose a separate folder.")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT_NAME).is_file())):
-        raise PeftlabError(f"'{out}' already exists and is not an earlier `peftlab export` output: choose another "
-                           "--output or delete it.")
+    out = prepare_output_folder(output, source=source, marker=REPORT_NAME, command="export", overwrite=overwrite)
 
     notes: list[str] = []
     if adapter is not None:

@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from peftlab.artifacts import ADAPTER_DIR, RunManifest, read_run, write_json
+from peftlab.artifacts import ADAPTER_DIR, RunManifest, prepare_output_folder, read_run, write_json
 from peftlab.errors import PeftlabError
 from peftlab.version import __version__
 from peftlab.kinds import TaskKind
@@ -219,9 +219,10 @@ def merged_model(loaded) -> Any:
 
 
 def merge(adapter: str | os.PathLike, output: str | os.PathLike, *, samples: int = 16, tolerance: float = 1e-4,
-          data_dir: str | None = None, quiet: bool = False) -> dict[str, Any]:
+          data_dir: str | None = None, quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Merge ``adapter`` (a ``peftlab train`` folder or a peft adapter folder) into a standalone model at
-    ``output``; verify it against the unmerged model; return (and write) the report."""
+    ``output``; verify it against the unmerged model; return (and write) the report. An earlier merge output
+    at ``output`` is replaced only with ``overwrite``."""
     import torch
     import transformers
 
@@ -236,13 +237,8 @@ def merge(adapter: str | os.PathLike, output: str | os.PathLike, *, samples: int
         raise PeftlabError(f"--samples must be at least 1; got {samples}.")
     if not tolerance >= 0:
         raise PeftlabError(f"--tolerance must be a non-negative number; got {tolerance}.")
-    out = Path(output).expanduser().resolve()
     source = Path(adapter).expanduser().resolve()
-    if out == source or source in out.parents or out in source.parents:
-        raise PeftlabError(f"--output '{out}' overlaps the adapter folder '{source}': choose a separate folder.")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT_NAME).is_file())):
-        raise PeftlabError(f"'{out}' already exists and is not an earlier `peftlab merge` output: choose another "
-                           "--output or delete it.")
+    out = prepare_output_folder(output, source=source, marker=REPORT_NAME, command="merge", overwrite=overwrite)
 
     notes: list[str] = []
     say = (lambda text: None) if quiet else (lambda text: print(text, flush=True))
