@@ -26,6 +26,9 @@ What is compared
   random sampling. Learning rate, linear schedule with the method's warm-up (6%; 10% for BitFit and
   P-Tuning), weight decay 0, epochs, examples and seed are peftlab's, so that only the speed levers differ.
 * peftlab: ``peftlab.training.train`` with its defaults (``progress=False``, a temporary output).
+  A variant's levers reach it as arguments, nothing in peftlab is patched: ``optim``, ``pad_multiple`` and
+  ``compile`` as ``peftlab.training.TrainingParts`` (optimizer, collator, TrainingArguments), ``frozen_bf16``
+  and ``dropout`` as changes to the prepared model that ``train`` is given (``TrainingParts.prepared``).
 
 Both paths get identical examples: the same ``peftlab.training.prepare`` (task, seeded subset, model,
 method), and each runs in its own subprocess so that its peak RSS is its own. Dev scores use the same
@@ -332,38 +335,34 @@ def _train_config(spec: dict, **extra):
     return TrainConfig(**fields)
 
 
-def _apply_levers(levers: dict) -> None:
-    """Process-wide overrides used to measure speed levers without editing peftlab (see docs/performance.md)."""
+def _apply_thread_levers(levers: dict) -> None:
+    """Thread settings of this process (both paths take them)."""
     import torch
 
     if "threads" in levers:
         torch.set_num_threads(int(levers["threads"]))
     if "interop_threads" in levers:
         torch.set_num_interop_threads(int(levers["interop_threads"]))
+
+
+def _lever_parts(levers: dict, prepared):
+    """The peftlab path's levers as ``peftlab.training.TrainingParts`` (see docs/performance.md): the model
+    changes are made on ``prepared`` before training, the rest replace one part of the run each."""
+    from peftlab.preprocess import collator
+    from peftlab.training import TrainingParts
+
+    if levers.get("frozen_bf16"):
+        cast_frozen_linears(prepared.model)
+    if "dropout" in levers:
+        set_dropout(prepared.model, float(levers["dropout"]))
+    parts = TrainingParts(prepared=prepared)
     if "optim" in levers:
-        from peftlab.methods.base import Method
-
-        Method.optimizer = str(levers["optim"])  # train() reads getattr(method, "optimizer", "adamw_torch")
+        parts.optimizer = str(levers["optim"])  # a TrainingArguments.optim name
     if levers.get("pad_multiple"):
-        from peftlab import preprocess
-
-        original_collator = preprocess.collator
-        multiple = int(levers["pad_multiple"])
-
-        def padded_collator(kind, tokenizer, *, pad_to_multiple_of=None):
-            return original_collator(kind, tokenizer, pad_to_multiple_of=pad_to_multiple_of or multiple)
-
-        preprocess.collator = padded_collator  # train() imports it at call time
+        parts.collator = collator(prepared.task.kind, prepared.tokenizer, pad_to_multiple_of=int(levers["pad_multiple"]))
     if levers.get("compile"):
-        import transformers
-
-        original = transformers.TrainingArguments
-
-        def with_compile(*args, **kwargs):
-            kwargs.setdefault("torch_compile", True)
-            return original(*args, **kwargs)
-
-        transformers.TrainingArguments = with_compile
+        parts.training_arguments["torch_compile"] = True
+    return parts
 
 
 def cast_frozen_linears(model) -> int:
@@ -446,7 +445,7 @@ def run_baseline(spec: dict) -> dict:
     from peftlab.methods.base import count_parameters
     from peftlab.training import prepare
 
-    _apply_levers({k: v for k, v in spec.get("levers", {}).items() if k in ("threads", "interop_threads")})
+    _apply_thread_levers(spec.get("levers", {}))
     config = _train_config(spec, precision="fp32")
     prepared = prepare(config)
     task, method = prepared.task, prepared.method
@@ -518,42 +517,6 @@ def run_baseline(spec: dict) -> dict:
     return result
 
 
-def _time_trainer_and_evaluation() -> dict:
-    """Process CPU time inside ``Trainer.train`` and inside dev evaluation (which peftlab runs per epoch).
-
-    With one thread, CPU time is the work done, nearly independent of what else the machine runs; wall
-    time is what a user waits for. Both are reported.
-    """
-    import transformers
-
-    from peftlab import evaluation
-
-    totals = {"train": 0.0, "eval": 0.0, "inside": False}
-    original_train = transformers.Trainer.train
-    original_evaluate = evaluation.evaluate_model
-
-    def train(self, *args, **kwargs):
-        started = time.process_time()
-        totals["inside"] = True
-        try:
-            return original_train(self, *args, **kwargs)
-        finally:
-            totals["inside"] = False
-            totals["train"] += time.process_time() - started
-
-    def evaluate_model(*args, **kwargs):
-        started = time.process_time()
-        try:
-            return original_evaluate(*args, **kwargs)
-        finally:
-            if totals["inside"]:  # only the per-epoch evaluations happen inside Trainer.train
-                totals["eval"] += time.process_time() - started
-
-    transformers.Trainer.train = train
-    evaluation.evaluate_model = evaluate_model  # the epoch callback imports it at call time
-    return totals
-
-
 def run_peftlab(spec: dict) -> dict:
     import torch
 
@@ -561,20 +524,7 @@ def run_peftlab(spec: dict) -> dict:
 
     levers = {k: v for k, v in spec.get("levers", {}).items() if k in LEVER_KEYS}
     config_overrides = {k: v for k, v in spec.get("levers", {}).items() if k not in LEVER_KEYS}
-    _apply_levers(levers)
-    captured = {}
-    original_prepare = training.prepare
-
-    def capturing_prepare(config):
-        captured["prepared"] = prepared = original_prepare(config)
-        if levers.get("frozen_bf16"):
-            cast_frozen_linears(prepared.model)
-        if "dropout" in levers:
-            set_dropout(prepared.model, float(levers["dropout"]))
-        return prepared
-
-    training.prepare = capturing_prepare  # train() calls the module-level prepare: keep its model for the FLOP probe
-    cpu = _time_trainer_and_evaluation()
+    _apply_thread_levers(levers)
     profiler = None
     with tempfile.TemporaryDirectory() as tmp:
         config = _train_config(spec, output=str(Path(tmp) / "run"), **config_overrides)
@@ -587,9 +537,8 @@ def run_peftlab(spec: dict) -> dict:
             from contextlib import redirect_stdout
 
             with redirect_stdout(io.StringIO()):  # train() prints a banner and a summary line
-                metrics = training.train(config)
-    training.prepare = original_prepare
-    prepared = captured["prepared"]
+                prepared = training.prepare(config)  # kept: its trained model is probed for FLOPs below
+                metrics = training.train(config, parts=_lever_parts(levers, prepared))
     lengths = list(prepared.train_data["length"])
     flop_model, useful, _ = _probe_and_count(prepared, prepared.task.kind, lengths, None)
     cross = ({} if spec.get("quick") or levers.get("frozen_bf16") or metrics["precision"] == "fp32"
@@ -598,14 +547,14 @@ def run_peftlab(spec: dict) -> dict:
     result = {
         "path": "peftlab",
         "precision": metrics["precision"],
-        "optimizer": str(levers.get("optim", getattr(prepared.method, "optimizer", "adamw_torch"))),
+        "optimizer": str(levers.get("optim", prepared.method.optimizer)),
         "padding": "per batch, grouped by length" if config.group_by_length else "per batch",
         "batch_size": config.batch_size,
         "threads": torch.get_num_threads(),
         "gradient_checkpointing": config.gradient_checkpointing,
         "levers": spec.get("levers", {}),
         "train_seconds": metrics["train_seconds"],
-        "train_cpu_seconds": cpu["train"] - cpu["eval"],
+        "train_cpu_seconds": metrics["train_cpu_seconds"],
         "eval_seconds": metrics["eval_seconds"],
         "examples": len(lengths) * epochs,
         "real_tokens": sum(lengths) * epochs,
@@ -645,8 +594,7 @@ def worker(spec_path: str, result_path: str) -> None:
 
 def launch(spec: dict, workdir: Path, label: str, verbose: bool, in_process: bool = False) -> dict:
     """Run one path in its own subprocess (so that its peak RSS is its own), or, for --quick, in this process:
-    the smoke test then skips two interpreter start-ups, and its peak memory is the whole run's, not the path's.
-    In-process runs must go baseline first: the peftlab path patches Trainer.train to time it."""
+    the smoke test then skips two interpreter start-ups, and its peak memory is the whole run's, not the path's."""
     if in_process:
         started = time.perf_counter()
         load_before = load_average()

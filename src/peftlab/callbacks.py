@@ -93,7 +93,8 @@ class EpochEvaluation(TrainerCallback):
         self.precision = precision
         self.log_path = Path(log_path)
         self.enabled = enabled
-        self.seconds = 0.0
+        self.seconds = 0.0  # wall-clock seconds spent evaluating
+        self.cpu_seconds = 0.0  # CPU seconds of this process spent evaluating
         self.history: list[dict] = []
         self.last_metrics = None
         self.last_epoch_step = None
@@ -107,16 +108,23 @@ class EpochEvaluation(TrainerCallback):
         if logs and "loss" in logs:
             self.last_train_loss = float(logs["loss"])
 
+    def score(self, model) -> dict:
+        """The dev metrics of ``model`` now; the wall and CPU time it takes add to ``seconds`` / ``cpu_seconds``."""
+        from peftlab.evaluation import evaluate_model
+
+        started, started_cpu = time.perf_counter(), time.process_time()
+        scores = evaluate_model(model, self.task, self.tokenizer, self.dev_data, self.dev_raw,
+                                label_names=self.label_names, batch_size=self.batch_size, precision=self.precision)
+        self.seconds += time.perf_counter() - started
+        self.cpu_seconds += time.process_time() - started_cpu
+        return scores
+
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         if not self.enabled or not state.is_world_process_zero or model is None:
             return
-        from peftlab.evaluation import evaluate_model
-
-        started = time.perf_counter()
-        scores = evaluate_model(model, self.task, self.tokenizer, self.dev_data, self.dev_raw,
-                                label_names=self.label_names, batch_size=self.batch_size, precision=self.precision)
-        elapsed = time.perf_counter() - started
-        self.seconds += elapsed
+        before = self.seconds
+        scores = self.score(model)
+        elapsed = self.seconds - before
         self.last_metrics = scores
         self.last_epoch_step = state.global_step
         record = {"type": "eval", "step": state.global_step, "epoch": round(state.epoch or 0.0, 4),

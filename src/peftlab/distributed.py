@@ -476,7 +476,7 @@ def save_trained(trainer, method, directory: str | os.PathLike) -> Path:
     # Under ZeRO-3 gather what method.save reads: the trainable tensors (their fp32 masters are
     # swapped in below), and the frozen ones too for methods that write the whole model.
     gather = list(trainable)
-    if stage == 3 and getattr(method, "category", "") == "full":
+    if stage == 3 and method.trains_all_weights:
         gather += frozen_partitioned
     context = deepspeed.zero.GatheredParameters(gather, modifier_rank=None) if stage == 3 else nullcontext()
     with context:
@@ -528,11 +528,7 @@ def _every_rank_class():
                 return super().on_epoch_end(args, state, control, model=model, **kwargs)
             if not self.enabled or model is None:
                 return None
-            from peftlab.evaluation import evaluate_model
-
-            self.last_metrics = evaluate_model(model, self.task, self.tokenizer, self.dev_data, self.dev_raw,
-                                               label_names=self.label_names, batch_size=self.batch_size,
-                                               precision=self.precision)
+            self.last_metrics = self.score(model)
             self.last_epoch_step = state.global_step
             return None
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from peftlab.kinds import TaskKind
+
 IGNORE_INDEX = -100  # label positions the loss skips (prompt tokens, non-first sub-words, padding)
 QA_EXTRA_COLUMNS = ("example_index", "offset_mapping")  # QA features' bookkeeping; not model inputs
 
@@ -166,9 +168,10 @@ def tokenize(dataset, kind: str, tokenizer, *, max_length: int, label_names: lis
         answers = batch["answers"] if with_labels and "answers" in batch else None
         return qa_features(tokenizer, encoded, answers, list(indices))
 
-    function = {"seq-cls": seq_cls, "token-cls": token_cls, "causal-lm": causal_lm, "seq2seq": seq2seq,
-                "qa": qa}[kind]
-    tokenized = dataset.map(function, batched=True, with_indices=kind == "qa", remove_columns=dataset.column_names,
+    kind = TaskKind.parse(kind)
+    function = {TaskKind.SEQ_CLS: seq_cls, TaskKind.TOKEN_CLS: token_cls, TaskKind.CAUSAL_LM: causal_lm,
+                TaskKind.SEQ2SEQ: seq2seq, TaskKind.QA: qa}[kind]
+    tokenized = dataset.map(function, batched=True, with_indices=function is qa, remove_columns=dataset.column_names,
                             desc="Tokenizing", load_from_cache_file=False)
     return tokenized.map(lambda row: {"length": len(row["input_ids"])}, desc="Measuring",
                          load_from_cache_file=False)
@@ -178,13 +181,14 @@ def collator(kind: str, tokenizer, *, pad_to_multiple_of: int | None = None):
     """Pads each batch to its own longest sequence (labels with IGNORE_INDEX)."""
     from transformers import DataCollatorForSeq2Seq, DataCollatorForTokenClassification, DataCollatorWithPadding
 
-    if kind in ("seq-cls", "qa"):  # qa: start/end positions are one number per feature, like a label
-        inner = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
-    elif kind == "token-cls":
-        inner = DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
-    else:
+    kind = TaskKind.parse(kind)
+    if kind.is_generative:  # labels are token sequences of their own length
         inner = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=pad_to_multiple_of,
                                        label_pad_token_id=IGNORE_INDEX)
+    elif kind is TaskKind.TOKEN_CLS:  # one label per token: padded like the input
+        inner = DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+    else:  # one label per sequence (qa: start/end positions are one number per feature, like a label)
+        inner = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
 
     def collate(features):
         features = [{k: v for k, v in f.items() if k != "length" and k not in QA_EXTRA_COLUMNS} for f in features]

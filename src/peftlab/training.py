@@ -5,6 +5,19 @@ through); peftlab decides what goes in: batches padded to their own length and g
 bf16 autocast where the hardware runs it, an optimizer over the trainable parameters only, a
 progress bar with loss, learning rate, throughput and ETA, per-epoch dev evaluation, atomic
 checkpoints, and the run folder described in ``peftlab.artifacts``.
+
+``train()`` is a sequence of phases, each a public function a reader (or a caller) can take alone:
+
+1. :func:`prepare` - data, tokenizer, base model, tokenized splits, the step count, then the method
+   applied (so that a method whose schedule needs the step count, such as AdaLoRA, can read it);
+2. :func:`build_trainer` - ``TrainingArguments``, callbacks, collator and optimizer around the model;
+3. :func:`run` - ``Trainer.train``, timed without the per-epoch evaluations;
+4. :func:`save` - the method's weights into ``<output>/adapter`` (every rank takes part under DeepSpeed);
+5. :func:`evaluate_final` and :func:`report` - the final dev score, ``peftlab.json``, ``metrics.json``,
+   ``loss.png``.
+
+What a caller may replace (collator, optimizer, extra callbacks, an already prepared run) goes in a
+:class:`TrainingParts`: ``train(config, parts=TrainingParts(optimizer="adamw_torch_fused"))``.
 """
 
 from __future__ import annotations
@@ -17,19 +30,27 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from peftlab import __version__
-from peftlab.artifacts import RunManifest, atomic_write_text, write_json
+from peftlab import methods
+from peftlab.artifacts import ADAPTER_DIR, RunManifest, write_json
 from peftlab.errors import PeftlabError
+from peftlab.kinds import TaskKind
 from peftlab.tasks.base import select  # noqa: F401 (part of the training API)
+from peftlab.version import __version__
+
+# The method a run trains when none is named: the methods package says which (the registry's first, LoRA,
+# until it declares DEFAULT_METHOD).
+DEFAULT_METHOD: str = getattr(methods, "DEFAULT_METHOD", None) or methods.method_names()[0]
+CHECKPOINTS = "checkpoints"  # the run folder's subfolder with the step checkpoints (for --resume)
+LOG = "log.jsonl"
 
 
 @dataclass
 class TrainConfig:
     """Everything a training run needs. CLI flags and recipe YAML keys use these names."""
 
-    method: str = "lora"
+    method: str = DEFAULT_METHOD
     task: str = "sst2"
     model: str = "minilm"
     output: str | None = None  # default: runs/<method>-<task>
@@ -63,33 +84,117 @@ class TrainConfig:
         return Path(self.output or f"runs/{self.method}-{self.task}")
 
 
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+@dataclass
+class Prepared:
+    """Everything before the first step (:func:`prepare`); the trainer, compare and the benchmarks share it."""
+
+    config: TrainConfig
+    method: Any  # peftlab.methods.base.Method, already applied to ``model``
+    task: Any  # peftlab.tasks.base.Task
+    tokenizer: Any
+    model: Any  # the base model with the method applied
+    label_names: list[str] | None
+    labels_from_data: bool  # the label set was read off the training data (your own files): saved with the run
+    train_raw: Any  # datasets.Dataset of normalized rows (peftlab.tasks.base)
+    dev_raw: Any
+    train_data: Any  # tokenized (peftlab.preprocess.tokenize), with a ``length`` column
+    dev_data: Any
+    world_size: int  # processes sharing the batches
+    effective_batch: int  # examples per optimizer step over all processes
+    total_steps: int  # optimizer steps of the whole run (what ``method.total_steps`` was set to)
 
 
-def prepare(config: TrainConfig):
-    """Load task, data, tokenizer, base model and method: everything before the first step.
+@dataclass
+class TrainingParts:
+    """Parts of a run that a caller may replace (experiments, benchmarks); None or empty: peftlab's own.
 
-    Returns a namespace the trainer, compare and the benchmarks share, so that every caller
-    measures the same thing.
+    ``prepared``: a :class:`Prepared` from ``prepare(config)`` (same config) to train instead of preparing
+    one: the caller may change its model first and keeps a handle on the trained model.
+    ``collator``: a function from a list of tokenized features to a batch (default
+    ``peftlab.preprocess.collator``: each batch padded to its own longest example).
+    ``optimizer``: a ``TrainingArguments.optim`` name ("adamw_torch_fused"), or a function
+    ``model -> torch.optim.Optimizer`` (default: AdamW over the method's ``optimizer_parameter_groups``
+    when it has them, else the method's ``optimizer`` name). The Trainer builds the schedule around it.
+    ``callbacks``: extra ``transformers.TrainerCallback`` objects, after peftlab's and the method's own.
+    ``training_arguments``: ``TrainingArguments`` fields that override peftlab's ({"torch_compile": True}).
     """
-    import transformers
 
+    prepared: Prepared | None = None
+    collator: Callable | None = None
+    optimizer: str | Callable | None = None
+    callbacks: list = field(default_factory=list)
+    training_arguments: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BuiltTrainer:
+    """What :func:`build_trainer` returns: the Trainer and what the later phases read."""
+
+    trainer: Any  # peftlab.trainer.PeftlabTrainer
+    prepared: Prepared
+    precision: str  # resolved: fp32, bf16 or fp16
+    evaluation: Any  # peftlab.callbacks.EpochEvaluation (per-epoch dev scores and their time)
+    output: Path
+    resume_from: str | None  # the checkpoint a resumed run continues from
+    trainable: int
+    total: int
+
+
+@dataclass
+class RunTimes:
+    """What :func:`run` measured (per-epoch evaluations excluded)."""
+
+    train_seconds: float  # wall clock
+    train_cpu_seconds: float  # CPU time of this process: the work done, whatever else the machine runs
+    steps_run: int  # optimizer steps of this call (a resumed run: those after the resume point)
+
+
+def build_method(config: TrainConfig):
+    """The configured method (``--lr`` given: its learning rate)."""
     from peftlab.methods import get_method
-    from peftlab.models import load_model, load_tokenizer
-    from peftlab.preprocess import tokenize
-    from peftlab.tasks import get_task
 
     method_options = dict(config.method_options)
     if config.lr is not None:
         method_options["learning_rate"] = config.lr
-    method = get_method(config.method, **method_options)
-    task = get_task(config.task, **config.task_options)
+    return get_method(config.method, **method_options)
+
+
+def build_task(config: TrainConfig):
+    from peftlab.tasks import get_task
+
     if config.max_length < 8:
         raise PeftlabError(f"--max-length must be at least 8; got {config.max_length}.")
+    return get_task(config.task, **config.task_options)
 
+
+def optimizer_steps(examples: int, batch_size: int, grad_accum: int, world_size: int, epochs: float) -> int:
+    """Optimizer steps of a run, counted as the ``Trainer`` counts them.
+
+    Each of ``world_size`` processes takes every ``world_size``-th batch of ``batch_size`` examples (the
+    last process may get one batch fewer, padded up by accelerate), and steps once per ``grad_accum``
+    batches; the last step of an epoch may accumulate fewer."""
+    batches = math.ceil(math.ceil(examples / batch_size) / world_size)
+    per_epoch = max(1, math.ceil(batches / grad_accum))
+    return max(1, math.ceil(epochs * per_epoch))
+
+
+def prepare(config: TrainConfig, *, world_size: int | None = None) -> Prepared:
+    """Load task data, tokenizer and base model, tokenize, count the steps, then apply the method.
+
+    ``world_size``: processes that will share the batches (default: the launcher's, else 1). The method is
+    applied last, after ``method.total_steps`` is set, so that a method whose schedule depends on the
+    number of steps (AdaLoRA's rank budget) can read it in ``apply``.
+    """
+    import transformers
+
+    from peftlab import distributed
+    from peftlab.models import load_model, load_tokenizer
+    from peftlab.preprocess import tokenize
+
+    method, task = build_method(config), build_task(config)
     train_raw = select(task.load("train", config.data_dir), config.max_train_samples, config.seed)
     dev_raw = select(task.load("dev", config.data_dir), config.max_eval_samples, config.seed)
+    labels_from_data = task.label_names is None
     label_names = task.labels_from(train_raw)
 
     transformers.set_seed(config.seed)
@@ -101,65 +206,103 @@ def prepare(config: TrainConfig):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need a grad input
-    model = method.apply(model, task.kind)
 
     tokenize_options = dict(max_length=config.max_length, label_names=label_names, is_regression=task.is_regression)
     train_data = tokenize(train_raw, task.kind, tokenizer, **tokenize_options)
     dev_data = tokenize(dev_raw, task.kind, tokenizer, **tokenize_options)
-    return dataclasses.make_dataclass("Prepared", [
-        "config", "method", "task", "tokenizer", "model", "label_names", "train_raw", "dev_raw",
-        "train_data", "dev_data",
-    ])(config, method, task, tokenizer, model, label_names, train_raw, dev_raw, train_data, dev_data)
+
+    world_size = max(1, world_size or distributed.world_size())
+    total_steps = optimizer_steps(len(train_data), config.batch_size, config.grad_accum, world_size, config.epochs)
+    method.total_steps = total_steps
+    model = method.apply(model, task.kind)
+    return Prepared(config=config, method=method, task=task, tokenizer=tokenizer, model=model,
+                    label_names=label_names, labels_from_data=labels_from_data, train_raw=train_raw,
+                    dev_raw=dev_raw, train_data=train_data, dev_data=dev_data, world_size=world_size,
+                    effective_batch=config.batch_size * config.grad_accum * world_size, total_steps=total_steps)
 
 
-def train(config: TrainConfig | None = None, **overrides) -> dict[str, Any]:
-    """Train, evaluate and save one run; returns the metrics also written to ``metrics.json``."""
-    from transformers import TrainingArguments
+def train(config: TrainConfig | None = None, *, parts: TrainingParts | None = None, **overrides) -> dict[str, Any]:
+    """Train, evaluate and save one run; returns the metrics also written to ``metrics.json``.
 
-    from peftlab import hardware
-    from peftlab import distributed
-    from peftlab.callbacks import JsonlLogger, ProgressBar
-    from peftlab.evaluation import evaluate_model
-    from peftlab.methods.base import count_parameters
-    from peftlab.preprocess import collator
+    ``overrides``: TrainConfig fields (or, without ``config``, flat options as on the command line,
+    method and task options included). ``parts``: what to use instead of peftlab's own collator,
+    optimizer, callbacks or preparation (see :class:`TrainingParts`).
+    """
+    from peftlab import distributed, hardware
 
     distributed.init_worker()  # a rank started by torchrun/deepspeed dies with its launcher
+    config = resolve_config(config, overrides)
+    parts = parts or TrainingParts()
+    finished = check_output(config)
+    if finished is not None:
+        return finished  # --resume of a run that had finished: nothing to redo
+    precision = hardware.resolve_precision(config.precision)
+    prepared = parts.prepared or prepare(config)
+    built = build_trainer(prepared, precision, parts)
+    times = run(built)
+    adapter_dir = save(built)
+    final = evaluate_final(built)
+    if not distributed.is_main_process():
+        return {}
+    return report(built, times, final, adapter_dir)
+
+
+def resolve_config(config: TrainConfig | None, overrides: dict[str, Any]) -> TrainConfig:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     if config is None and any(key not in known for key in overrides):
-        config = config_from_options(overrides)  # method/task options given flat, as on the CLI
-    else:
-        config = dataclasses.replace(config or TrainConfig(), **overrides)
-    output = config.output_dir()
-    checkpoints = output / "checkpoints"
-    if output.exists() and (output / "metrics.json").exists() and not config.resume:
-        raise PeftlabError(f"'{output}' already holds a finished run. Choose another --output or delete it.")
-    if output.exists() and checkpoints.exists() and not config.resume and _is_main_process():
-        raise PeftlabError(f"'{output}' holds an unfinished run. Continue it with --resume, or choose another --output.")
-    if config.resume and (output / "metrics.json").exists():
-        return json.loads((output / "metrics.json").read_text())  # already finished: nothing to redo
+        return config_from_options(overrides)  # method/task options given flat, as on the CLI
+    return dataclasses.replace(config or TrainConfig(), **overrides)
 
-    precision = hardware.resolve_precision(config.precision)
-    prepared = prepare(config)
-    model, task, method = prepared.model, prepared.task, prepared.method
+
+def check_output(config: TrainConfig) -> dict[str, Any] | None:
+    """Refuse to overwrite a run; the metrics of a finished run that ``--resume`` is asked to continue."""
+    from peftlab import distributed
+
+    output = config.output_dir()
+    finished = output / "metrics.json"
+    if finished.exists() and not config.resume:
+        raise PeftlabError(f"'{output}' already holds a finished run. Choose another --output or delete it.")
+    if (output / CHECKPOINTS).exists() and not config.resume and distributed.is_main_process():
+        raise PeftlabError(f"'{output}' holds an unfinished run. Continue it with --resume, or choose another --output.")
+    if config.resume and finished.exists():
+        return json.loads(finished.read_text())
+    return None
+
+
+def build_trainer(prepared: Prepared, precision: str, parts: TrainingParts | None = None) -> BuiltTrainer:
+    """The ``Trainer`` with peftlab's arguments, callbacks, collator and optimizer (``parts`` replace them)."""
+    from transformers import TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    from peftlab import distributed, hardware
+    from peftlab.callbacks import JsonlLogger, ProgressBar
+    from peftlab.modelinfo import count_parameters
+    from peftlab.preprocess import collator
+    from peftlab.trainer import PeftlabTrainer, last_checkpoint
+
+    parts = parts or TrainingParts()
+    config, method, task, model = prepared.config, prepared.method, prepared.task, prepared.model
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise PeftlabError(f"Method '{method.name}' left no trainable parameters on '{config.model}'.")
 
+    output = config.output_dir()
     output.mkdir(parents=True, exist_ok=True)
-    log_path = output / "log.jsonl"
-    if not config.resume and _is_main_process():
+    log_path = output / LOG
+    if not config.resume and distributed.is_main_process():
         log_path.unlink(missing_ok=True)
 
+    optim, optimizer_factory = _optimizer(prepared, parts.optimizer, config.weight_decay)
     on_cpu = hardware.device_type() == "cpu"
     args_options: dict[str, Any] = dict(
-        output_dir=str(checkpoints),
+        output_dir=str(output / CHECKPOINTS),
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.eval_batch_size,
         gradient_accumulation_steps=config.grad_accum,
         num_train_epochs=config.epochs,
         learning_rate=method.learning_rate,
         weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_ratio if config.warmup_ratio is not None else method.warmup_ratio,
+        warmup_steps=_warmup_ratio(config, method),  # a float below 1 is a ratio of the steps
         lr_scheduler_type="linear",
         logging_steps=config.logging_steps,
         logging_first_step=True,
@@ -178,9 +321,9 @@ def train(config: TrainConfig | None = None, **overrides) -> dict[str, Any]:
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         length_column_name="length",
         dataloader_num_workers=0,
-        optim=getattr(method, "optimizer", "adamw_torch"),
+        optim=optim,
     )
-    if on_cpu and os.environ.get("WORLD_SIZE", "1") != "1":
+    if on_cpu and distributed.world_size() != 1:
         args_options["ddp_backend"] = "gloo"
     distributed.check_options(config.deepspeed, config.offload)
     zero_stage = 0
@@ -188,77 +331,115 @@ def train(config: TrainConfig | None = None, **overrides) -> dict[str, Any]:
         args_options["deepspeed"] = distributed.deepspeed_config(config.deepspeed, config.offload)
         zero_stage = distributed.zero_stage(args_options["deepspeed"])
         distributed.ensure_process_group_env()  # DeepSpeed without a launcher: a one-process group
+    args_options.update(parts.training_arguments)
     args = TrainingArguments(**args_options)
-
-    world_size = max(1, args.world_size)
-    effective_batch = config.batch_size * config.grad_accum * world_size
-    steps_per_epoch = math.ceil(len(prepared.train_data) / effective_batch)
-    total_steps = max(1, math.ceil(steps_per_epoch * config.epochs))
 
     evaluation = distributed.epoch_evaluation(
         zero_stage, task=task, tokenizer=prepared.tokenizer, dev_data=prepared.dev_data, dev_raw=prepared.dev_raw,
         label_names=prepared.label_names, batch_size=config.eval_batch_size, precision=precision,
         log_path=log_path, enabled=config.eval_each_epoch,
     )
-    callbacks = [JsonlLogger(log_path, effective_batch=effective_batch), evaluation]
+    callbacks = [JsonlLogger(log_path, effective_batch=prepared.effective_batch), evaluation]
     if config.progress:
-        callbacks.append(ProgressBar(total_steps, f"{method.name} · {task.name}"))
+        callbacks.append(ProgressBar(prepared.total_steps, f"{method.name} · {task.name}"))
+    callbacks += [*method.training_callbacks(model), *parts.callbacks]
 
-    trainer = AtomicCheckpointTrainer(
-        model=model,
-        args=args,
-        train_dataset=prepared.train_data,
-        data_collator=collator(task.kind, prepared.tokenizer,
-                               pad_to_multiple_of=8 if hardware.device_type() == "cuda" else None),
-        processing_class=prepared.tokenizer,
-        callbacks=callbacks,
-    )
-    from transformers.trainer_callback import PrinterCallback
-
+    data_collator = parts.collator or collator(
+        task.kind, prepared.tokenizer, pad_to_multiple_of=8 if hardware.device_type() == "cuda" else None)
+    trainer = PeftlabTrainer(model=model, args=args, train_dataset=prepared.train_data, data_collator=data_collator,
+                             processing_class=prepared.tokenizer, callbacks=callbacks,
+                             optimizer_factory=optimizer_factory)
     trainer.remove_callback(PrinterCallback)  # ProgressBar and JsonlLogger report instead
-    if task.kind in ("seq-cls", "token-cls", "qa"):
+    if TaskKind.parse(task.kind).has_new_head:
         # Classification and QA span heads (BERT's among them) average their own loss and ignore the
         # num_items_in_batch the Trainer passes to any forward with **kwargs; the Trainer then takes
         # that mean for a sum: it multiplies it by world_size (DDP) and skips the division by
         # grad_accum, so losses and gradients come out N times too large. A mean per rank,
         # averaged over ranks by DDP, is the single-process loss exactly.
         trainer.model_accepts_loss_kwargs = False
-    resume_from = _last_checkpoint(checkpoints) if config.resume else None
-    if _is_main_process():
-        print(_banner(config, method, task, trainable, total, len(prepared.train_data), len(prepared.dev_data),
-                      precision, effective_batch, total_steps, resume_from), flush=True)
+    resume_from = last_checkpoint(output / CHECKPOINTS) if config.resume else None
+    if distributed.is_main_process():
+        print(_banner(prepared, trainable, total, precision, resume_from), flush=True)
+    return BuiltTrainer(trainer=trainer, prepared=prepared, precision=precision, evaluation=evaluation,
+                        output=output, resume_from=resume_from, trainable=trainable, total=total)
 
-    started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume_from)
-    wall = time.perf_counter() - started
-    train_seconds = max(wall - evaluation.seconds, 1e-9)
 
-    # Every rank takes part in saving (ZeRO keeps weights partitioned: they are gathered first) and,
-    # under ZeRO-3, in the final evaluation (each forward gathers weights); rank 0 writes.
-    adapter_dir = distributed.save_trained(trainer, method, output / "adapter")
-    final = evaluation.last_metrics
-    if final is None or evaluation.last_epoch_step != trainer.state.global_step:
-        if _is_main_process() or evaluation.every_rank:
-            started_eval = time.perf_counter()
-            final = evaluate_model(model, task, prepared.tokenizer, prepared.dev_data, prepared.dev_raw,
-                                   label_names=prepared.label_names, batch_size=config.eval_batch_size,
-                                   precision=precision)
-            evaluation.seconds += time.perf_counter() - started_eval
-    if not _is_main_process():
-        return {}
+def _optimizer(prepared: Prepared, given, weight_decay: float) -> tuple[str, Callable | None]:
+    """(``TrainingArguments.optim`` name, optimizer factory or None) for the run."""
+    method = prepared.method
+    if isinstance(given, str):
+        return given, None
+    if given is not None:
+        return method.optimizer, given
+    learning_rate = method.learning_rate
+    if method.optimizer_parameter_groups(prepared.model, learning_rate, weight_decay) is None:
+        return method.optimizer, None
 
+    def grouped_adamw(model):
+        import torch
+
+        groups = method.optimizer_parameter_groups(model, learning_rate, weight_decay)
+        return torch.optim.AdamW(groups, lr=learning_rate, weight_decay=weight_decay)
+
+    return method.optimizer, grouped_adamw
+
+
+def _warmup_ratio(config: TrainConfig, method) -> float:
+    return config.warmup_ratio if config.warmup_ratio is not None else method.warmup_ratio
+
+
+def run(built: BuiltTrainer) -> RunTimes:
+    """``Trainer.train`` (from the checkpoint a resumed run continues); its time without the evaluations."""
+    trainer, evaluation = built.trainer, built.evaluation
+    started, started_cpu = time.perf_counter(), time.process_time()
+    trainer.train(resume_from_checkpoint=built.resume_from)
+    wall, cpu = time.perf_counter() - started, time.process_time() - started_cpu
+    return RunTimes(train_seconds=max(wall - evaluation.seconds, 1e-9),
+                    train_cpu_seconds=max(cpu - evaluation.cpu_seconds, 0.0),
+                    steps_run=max(1, trainer.state.global_step - (evaluation.start_step or 0)))
+
+
+def save(built: BuiltTrainer) -> Path:
+    """The method's trained weights into ``<output>/adapter``.
+
+    Every rank takes part (ZeRO keeps weights partitioned: they are gathered first); rank 0 writes."""
+    from peftlab import distributed
+
+    return distributed.save_trained(built.trainer, built.prepared.method, built.output / ADAPTER_DIR)
+
+
+def evaluate_final(built: BuiltTrainer) -> dict[str, Any] | None:
+    """The dev metrics of the trained model: the last epoch's when it ended the run, else scored now.
+
+    Under ZeRO-3 every rank scores (each forward gathers weights); elsewhere only rank 0 (None elsewhere)."""
+    from peftlab import distributed
+
+    evaluation = built.evaluation
+    if evaluation.last_metrics is not None and evaluation.last_epoch_step == built.trainer.state.global_step:
+        return evaluation.last_metrics
+    if distributed.is_main_process() or evaluation.every_rank:
+        return evaluation.score(built.prepared.model)
+    return None
+
+
+def report(built: BuiltTrainer, times: RunTimes, final: dict[str, Any], adapter_dir: Path) -> dict[str, Any]:
+    """Write ``peftlab.json``, ``metrics.json`` and ``loss.png`` (rank 0); the metrics."""
+    from peftlab import hardware
+    from peftlab.plots import plot_training
+
+    prepared, output = built.prepared, built.output
+    config, method, task, trainer = prepared.config, prepared.method, prepared.task, built.trainer
     manifest = RunManifest(
         method=method.name, model=config.model, kind=task.kind, task=task.name,
-        method_options=method.options_dict(), task_options=_task_options_for_manifest(config, prepared),
+        method_options=method.options_dict(), task_options=_task_options_for_manifest(prepared),
         label_names=prepared.label_names, is_regression=task.is_regression, max_length=config.max_length,
-        precision=precision, peftlab_version=__version__,
+        precision=built.precision, peftlab_version=__version__,
     )
     manifest.save(output)
 
     # Throughput counts the examples and real tokens this process trained on (resumed runs: only
     # the steps after the resume point are timed, so scale by the steps actually run here).
-    steps_run = max(1, trainer.state.global_step - (evaluation.start_step or 0))
-    fraction = min(1.0, steps_run / total_steps)
+    fraction = min(1.0, times.steps_run / prepared.total_steps)
     examples = len(prepared.train_data) * config.epochs * fraction
     tokens = sum(prepared.train_data["length"]) * config.epochs * fraction
     metrics = {
@@ -271,130 +452,68 @@ def train(config: TrainConfig | None = None, **overrides) -> dict[str, Any]:
         "metric": final[task.metric_name],
         "higher_is_better": task.higher_is_better,
         "metrics": final,
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_fraction": trainable / total,
+        "trainable_params": built.trainable,
+        "total_params": built.total,
+        "trainable_fraction": built.trainable / built.total,
         "train_examples": len(prepared.train_data),
         "eval_examples": len(prepared.dev_raw),  # questions for qa (a long context gives several features)
         "epochs": config.epochs,
         "steps": trainer.state.global_step,
-        "effective_batch_size": effective_batch,
+        "effective_batch_size": prepared.effective_batch,
         "learning_rate": method.learning_rate,
-        "warmup_ratio": config.warmup_ratio if config.warmup_ratio is not None else method.warmup_ratio,
-        "precision": precision,
+        "warmup_ratio": _warmup_ratio(config, method),
+        "precision": built.precision,
         "device": hardware.device_type(),
-        "train_seconds": train_seconds,
-        "eval_seconds": evaluation.seconds,
-        "train_samples_per_second": examples / train_seconds,
-        "train_tokens_per_second": tokens / train_seconds,
+        "train_seconds": times.train_seconds,
+        "train_cpu_seconds": times.train_cpu_seconds,
+        "eval_seconds": built.evaluation.seconds,
+        "train_samples_per_second": examples / times.train_seconds,
+        "train_tokens_per_second": tokens / times.train_seconds,
         "peak_memory_mb": hardware.peak_memory_mb(),
-        "final_train_loss": evaluation.last_train_loss,
-        "history": evaluation.history,
+        "final_train_loss": built.evaluation.last_train_loss,
+        "history": built.evaluation.history,
         "method_options": method.options_dict(),
-        "resumed": resume_from is not None,
+        "resumed": built.resume_from is not None,
         "seed": config.seed,
         "peftlab_version": __version__,
     }
     write_json(output / "metrics.json", metrics)
-    from peftlab.plots import plot_training
-
-    plot_training(log_path, output / "loss.png", title=f"{method.name} on {task.name} ({config.model})",
+    plot_training(output / LOG, output / "loss.png", title=f"{method.name} on {task.name} ({config.model})",
                   metric_name=task.metric_name)
     if not config.keep_checkpoints:
-        shutil.rmtree(checkpoints, ignore_errors=True)
-    print(f"Done: dev {task.metric_name} = {metrics['metric']:.4f} · {train_seconds:.1f} s · "
+        shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
+    print(f"Done: dev {task.metric_name} = {metrics['metric']:.4f} · {times.train_seconds:.1f} s · "
           f"{metrics['train_samples_per_second']:.1f} examples/s · adapter in {adapter_dir}", flush=True)
     return metrics
 
 
-def _task_options_for_manifest(config: TrainConfig, prepared) -> dict[str, Any]:
-    options = dict(config.task_options)
-    if prepared.label_names is not None:
-        options["label_names"] = prepared.label_names if config.task in ("csv", "tsv", "jsonl") else options.get("label_names")
+def _task_options_for_manifest(prepared: Prepared) -> dict[str, Any]:
+    """The task options to reload the run with: a label set read off the data (or given) is saved with it."""
+    options = dict(prepared.config.task_options)
+    if prepared.label_names is not None and (prepared.labels_from_data or "label_names" in options):
+        options["label_names"] = prepared.label_names
     return {k: v for k, v in options.items() if v is not None}
 
 
-def _last_checkpoint(checkpoints: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if not checkpoints.is_dir():
-        return None
-    return get_last_checkpoint(str(checkpoints))
-
-
-def _banner(config, method, task, trainable, total, n_train, n_dev, precision, effective_batch, total_steps,
-            resume_from) -> str:
+def _banner(prepared: Prepared, trainable: int, total: int, precision: str, resume_from: str | None) -> str:
+    config, method, task = prepared.config, prepared.method, prepared.task
     lines = [
         f"peftlab train: {method.name} ({method.category}) on {task.name} with {config.model}",
         f"  trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)",
-        f"  {n_train:,} train / {n_dev:,} dev examples · {config.epochs:g} epochs · {total_steps} steps · "
-        f"batch {effective_batch} · lr {method.learning_rate:g} · {precision}",
+        f"  {len(prepared.train_data):,} train / {len(prepared.dev_data):,} dev examples · {config.epochs:g} epochs · "
+        f"{prepared.total_steps} steps · batch {prepared.effective_batch} · lr {method.learning_rate:g} · {precision}",
     ]
     if resume_from:
         lines.append(f"  resuming from {resume_from}")
     return "\n".join(lines)
 
 
-def _make_trainer_class():
-    from transformers import Trainer
+def __getattr__(name):  # the Trainer subclass, without importing transformers with this module
+    if name == "AtomicCheckpointTrainer":
+        from peftlab.trainer import PeftlabTrainer
 
-    class _AtomicCheckpointTrainer(Trainer):
-        """A Trainer whose checkpoints appear all at once.
-
-        ``Trainer`` writes ``checkpoint-N/`` file by file, so a kill mid-save leaves a folder that
-        looks complete but is not, and ``--resume`` would load it. Here each checkpoint is written
-        into a staging folder and renamed into place only when complete (rename is atomic).
-        """
-
-        def _save_checkpoint(self, model, trial):
-            import torch.distributed as dist
-
-            run_dir = Path(self._get_output_dir(trial=trial))
-            staging_root = run_dir / ".staging"
-            name = f"checkpoint-{self.state.global_step}"
-            original = self.args.output_dir
-            if self.args.should_save:
-                shutil.rmtree(staging_root / name, ignore_errors=True)
-            self.args.output_dir = str(staging_root)
-            limit, self.args.save_total_limit = self.args.save_total_limit, None
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self.args.output_dir = original
-                self.args.save_total_limit = limit
-            if dist.is_available() and dist.is_initialized():
-                dist.barrier()  # every rank has written its shard (DeepSpeed) before the rename
-            if self.args.should_save:
-                target = run_dir / name
-                shutil.rmtree(target, ignore_errors=True)
-                os.replace(staging_root / name, target)
-                _fsync_dir(run_dir)
-                from transformers.trainer_utils import rotate_checkpoints
-
-                rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit, use_mtime=False)
-            if dist.is_available() and dist.is_initialized():
-                dist.barrier()
-
-    return _AtomicCheckpointTrainer
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-class _LazyTrainer:
-    def __call__(self, *args, **kwargs):
-        return _make_trainer_class()(*args, **kwargs)
-
-
-AtomicCheckpointTrainer = _LazyTrainer()
+        return PeftlabTrainer
+    raise AttributeError(name)
 
 
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
