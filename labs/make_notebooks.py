@@ -25,9 +25,10 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+from peftlab.methods import get_method_class
+
 HERE = Path(__file__).resolve().parent
 NOTEBOOKS = ("01-Setup", "02-Train", "03-Inference", "04-Merge_and_Deploy")
-MERGEABLE = {"lora", "qlora", "ia3", "bitfit", "full"}
 
 
 @dataclass
@@ -576,7 +577,7 @@ labs.plot_latency(latency, title=f"{{m.method}} vs base model ({{m.model.split('
 
 def deploy_notebook(lab: LabSpec):
     first = next(iter(lab.runs))
-    mergeable = lab.method in MERGEABLE
+    mergeable = get_method_class(lab.method).mergeable  # the method's declared fact
     cells = [
         md(f"""
 {header(lab, 4, "Merge and deploy")}

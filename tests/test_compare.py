@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from peftlab.methods.lora import LoRA
+
 PEFTLAB = [sys.executable, "-m", "peftlab.cli"]
 TINY_BUDGET = ["--max-train-samples", "64", "--epochs", "1", "--max-eval-samples", "64"]
 METHODS = ("lora", "bitfit", "prompt-tuning")
@@ -264,3 +266,75 @@ def test_pareto_front_and_seed_aggregation():
     row = aggregate("lora", runs, None)
     assert row["status"] == "failed" and "seed 43: training diverged" in row["error"]
     assert row["metric"] == pytest.approx(0.82)  # the mean over the seeds that finished
+
+
+# ---- a method registered from outside peftlab ------------------------------------------------------------------
+
+class PluginLoRA(LoRA):
+    """LoRA under another name, defined at the top of this module so that a worker process can import it."""
+
+    name = "plugin-lora"
+
+
+def test_a_registered_method_and_the_baseline_flag_need_no_method_names(tmp_path):
+    """compare reads the methods' declared facts: a method registered from outside is compared (here it is
+    unsupported, so nothing trains), and "Δ vs full" is measured against whichever row trains all weights."""
+    import tiny
+
+    from peftlab.compare import compare, compare_rows, method_source
+    from peftlab.errors import PeftlabError
+    from peftlab.kinds import TaskKind
+    from peftlab.methods import register_method, unregister_method
+    from peftlab.methods.bitfit import BitFit
+    from peftlab.report import format_delta
+
+    class ClassifierOnly(BitFit):  # defined in a function: a worker process could not import it
+        name = "classifier-only"
+        kinds = (TaskKind.SEQ_CLS,)
+
+    register_method(ClassifierOnly)
+    try:
+        model_dir = tmp_path / "tiny-llama"
+        tiny.tiny_llama().config.save_pretrained(model_dir)
+        payload = compare(methods="classifier-only", output=tmp_path / "compare", echo=lambda message: None,
+                          train_options={"task": "alpaca", "model": str(model_dir)})
+        [row] = payload["results"]
+        assert row["method"] == "classifier-only" and row["status"] == "unsupported"
+        assert row["category"] == "selective" and row["trains_all_weights"] is False
+        assert "seq-cls" in row["reason"]
+        with pytest.raises(PeftlabError, match="cannot import.*--no-isolate"):
+            method_source("classifier-only")
+    finally:
+        unregister_method("classifier-only")
+    assert method_source("lora") is None  # peftlab's own methods: every process has them
+
+    rows = [{"method": "mine", "status": "ok", "metric": 0.9, "trainable_fraction": 1.0, "trains_all_weights": True},
+            {"method": "small", "status": "ok", "metric": 0.8, "trainable_fraction": 0.01, "trains_all_weights": False}]
+    compare_rows(rows, higher_is_better=True)
+    assert rows[0]["metric_delta_vs_full"] == 0 and rows[1]["metric_delta_vs_full"] == pytest.approx(-0.1)
+    assert format_delta(rows[0]) == "-" and format_delta(rows[1]) == "-0.1000"
+
+
+@pytest.mark.slow
+@pytest.mark.real
+def test_a_registered_method_trains_in_its_own_worker_process(tmp_path, data_dir, monkeypatch):
+    """register_method in this process only: the isolated worker imports the class the spec names."""
+    from peftlab.compare import compare
+    from peftlab.methods import register_method, unregister_method
+
+    monkeypatch.setenv("PEFTLAB_DATA_DIR", str(data_dir))
+    monkeypatch.delenv("PEFTLAB_PLUGINS", raising=False)
+    register_method(PluginLoRA)
+    try:
+        payload = compare(methods="plugin-lora", output=tmp_path / "compare", echo=lambda message: None,
+                          latency={"bs1_runs": 3, "bs32_runs": 3, "budget_s": 1.0},
+                          train_options={"task": "sst2", "model": "minilm", "max_train_samples": 16,
+                                         "max_eval_samples": 16, "epochs": 1})
+    finally:
+        unregister_method("plugin-lora")
+    [row] = payload["results"]
+    assert row["status"] == "ok", row["error"]
+    assert row["method"] == "plugin-lora" and row["isolated"] is True and row["category"] == "reparameterization"
+    assert row["trains_all_weights"] is False and row["latency_ms_bs1_merged"] > 0
+    spec = json.loads((tmp_path / "compare" / "runs" / "plugin-lora" / "compare-spec.json").read_text())
+    assert spec["method_source"]["module"] == "test_compare"

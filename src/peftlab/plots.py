@@ -1,4 +1,6 @@
-"""Plots a person would rather look at than read (matplotlib, headless)."""
+"""Plots a person would rather look at than read (matplotlib, headless), and the two ways peftlab makes a figure:
+:func:`pyplot` for files written by the commands (training curves, compare's report), :func:`figure` for
+figures a notebook displays (no global pyplot state, so nothing leaks between cells)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,8 @@ import json
 from pathlib import Path
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the headless Agg backend (peftlab writes PNG files; no display is needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -15,7 +18,15 @@ def _pyplot():
     return plt
 
 
+def figure(width: float = 7, height: float = 3.6):
+    """A matplotlib ``Figure`` of ``width`` x ``height`` inches, laid out by constrained layout."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
 def read_log(log_path: Path) -> list[dict]:
+    """The records of a run's ``log.jsonl`` (one per logging step and per evaluation); [] if there is none."""
     path = Path(log_path)
     if not path.is_file():
         return []
@@ -24,7 +35,7 @@ def read_log(log_path: Path) -> list[dict]:
 
 def plot_training(log_path: Path, output: Path, *, title: str, metric_name: str) -> Path:
     """Training loss per step, and the dev metric per epoch on a second axis."""
-    plt = _pyplot()
+    plt = pyplot()
     records = read_log(log_path)
     train = [r for r in records if r.get("type") == "train" and "loss" in r]
     evals = [r for r in records if r.get("type") == "eval" and f"eval_{metric_name}" in r]

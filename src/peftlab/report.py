@@ -16,8 +16,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-CATEGORY_COLOURS = {"reparameterization": "tab:blue", "additive": "tab:orange", "selective": "tab:green",
-                    "full": "tab:red"}
+from peftlab.methods.base import CATEGORIES
+
+# One colour per method category, in the order peftlab.methods.base.CATEGORIES lists them (matplotlib's
+# Tableau colours: blue, orange, green, red, ...).
+CATEGORY_COLOURS = dict(zip(CATEGORIES, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
+                                         "tab:pink", "tab:olive", "tab:cyan")))
 PLOTS = {
     "pareto": ("pareto.png", "Dev metric against trainable parameters"),
     "time": ("train_time.png", "Training wall time"),
@@ -58,6 +62,27 @@ def pareto_flags(rows: list[dict[str, Any]], *, higher_is_better: bool) -> list[
     return flags
 
 
+def trains_all_weights(row: dict[str, Any]) -> bool:
+    """Does the row's method train every weight (full fine-tuning: the baseline of "Δ vs full")?
+
+    Rows carry the method's declared fact; rows written before compare recorded it ask the registry."""
+    if row.get("trains_all_weights") is not None:
+        return bool(row["trains_all_weights"])
+    from peftlab.errors import PeftlabError
+    from peftlab.methods import get_method_class
+
+    try:
+        return bool(get_method_class(str(row.get("method"))).trains_all_weights)
+    except PeftlabError:
+        return False
+
+
+def baseline(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The finished run that trains all weights (full fine-tuning), which the others are measured against."""
+    return next((r for r in rows if r.get("status") == "ok" and _number(r.get("metric")) and trains_all_weights(r)),
+                None)
+
+
 def ranked(rows: list[dict[str, Any]], higher_is_better: bool) -> list[dict[str, Any]]:
     """Finished runs best first, then failed, then unsupported (each group in run order)."""
     ok = [r for r in rows if r.get("status") == "ok" and _number(r.get("metric"))]
@@ -79,7 +104,7 @@ def format_metric(row: dict[str, Any], metric_name: str | None = None) -> str:
 
 
 def format_delta(row: dict[str, Any]) -> str:
-    if row.get("method") == "full" or not _number(row.get("metric_delta_vs_full")):
+    if trains_all_weights(row) or not _number(row.get("metric_delta_vs_full")):
         return "-"
     return f"{row['metric_delta_vs_full']:+.4f}"
 
@@ -225,17 +250,10 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 # ---- plots ---------------------------------------------------------------------------------------------
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def make_plots(output: Path, payload: dict[str, Any]) -> dict[str, Path]:
-    plt = _pyplot()
+    from peftlab.plots import pyplot
+
+    plt = pyplot()
     settings = payload["settings"]
     ok = [r for r in payload["results"] if r.get("status") == "ok"]
     subtitle = f"{settings['task']} · {settings['model']} · {settings.get('max_train_samples') or 'all'} examples × " \
@@ -251,6 +269,10 @@ def make_plots(output: Path, payload: dict[str, Any]) -> dict[str, Path]:
         plt.close(figure)
         files[key] = output / filename
     return files
+
+
+def _colour(row: dict[str, Any]) -> str:
+    return CATEGORY_COLOURS.get(row.get("category"), "gray")
 
 
 def _empty(plt, message: str = "no finished runs to plot"):
@@ -270,7 +292,7 @@ def _plot_pareto(plt, ok, settings, payload):
     for row in points:
         x, y = 100 * row["trainable_fraction"], row["metric"]
         axis.errorbar(x, y, yerr=row.get("metric_std") if _number(row.get("metric_std")) else None, fmt="o",
-                      markersize=10 if row.get("pareto") else 7, color=CATEGORY_COLOURS.get(row.get("category"), "gray"),
+                      markersize=10 if row.get("pareto") else 7, color=_colour(row),
                       markeredgecolor="black" if row.get("pareto") else "none", markeredgewidth=1.5, capsize=3,
                       zorder=3)
         axis.annotate(row["method"], (x, y), xytext=(6, 5), textcoords="offset points", fontsize=9)
@@ -278,9 +300,9 @@ def _plot_pareto(plt, ok, settings, payload):
     if front:
         axis.plot([100 * r["trainable_fraction"] for r in front], [r["metric"] for r in front], "--", color="black",
                   linewidth=1, drawstyle="steps-post", zorder=2)
-    full = next((r for r in points if r["method"] == "full"), None)
+    full = baseline(points)
     if full:
-        axis.axhline(full["metric"], linestyle=":", color="tab:red", linewidth=1, zorder=1)
+        axis.axhline(full["metric"], linestyle=":", color=_colour(full), linewidth=1, zorder=1)
     axis.set_xscale("log")
     from matplotlib.ticker import FuncFormatter
 
@@ -295,7 +317,7 @@ def _plot_pareto(plt, ok, settings, payload):
     handles.append(Line2D([], [], marker="o", linestyle="--", color="black", markerfacecolor="white",
                           markeredgecolor="black", label="Pareto front"))
     if full:
-        handles.append(Line2D([], [], linestyle=":", color="tab:red", label="full fine-tuning"))
+        handles.append(Line2D([], [], linestyle=":", color=_colour(full), label="full fine-tuning"))
     axis.legend(handles=handles, fontsize=8, loc="best")
     return figure
 
@@ -308,7 +330,7 @@ def _barh(plt, rows, values, errors, xlabel, *, fmt="{:,.1f}"):
     figure, axis = plt.subplots(figsize=(8, 0.45 * len(pairs) + 1.6), dpi=110)
     labels = [p[0]["method"] for p in pairs]
     numbers = [p[1] for p in pairs]
-    colours = [CATEGORY_COLOURS.get(p[0].get("category"), "gray") for p in pairs]
+    colours = [_colour(p[0]) for p in pairs]
     xerr = [p[2] if _number(p[2]) else 0 for p in pairs]
     bars = axis.barh(labels, numbers, color=colours, xerr=xerr if any(xerr) else None, capsize=3)
     for bar, value in zip(bars, numbers):
