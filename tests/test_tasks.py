@@ -74,10 +74,10 @@ def test_sst2_real(sst2):
     task, train, dev = sst2
     assert (len(train), len(dev)) == (67_349, 872)
     assert train.column_names == ["text", "text_pair", "label"]
-    assert train[0] == {"text": "when are bears bears and ", "text_pair": None, "label": "1"}
-    assert dev[0] == {"text": "it 's a charming and often affecting journey . ", "text_pair": None, "label": "1"}
-    assert Counter(train["label"]) == {"0": 29_780, "1": 37_569}
-    assert task.labels_from(train) == ["0", "1"] and task.kind == "seq-cls"
+    assert train[0] == {"text": "when are bears bears and ", "text_pair": None, "label": "positive"}
+    assert dev[0] == {"text": "it 's a charming and often affecting journey . ", "text_pair": None, "label": "positive"}
+    assert Counter(train["label"]) == {"negative": 29_780, "positive": 37_569}  # the file's 0 and 1
+    assert task.labels_from(train) == ["negative", "positive"] and task.kind == "seq-cls"
 
 
 def test_mrpc_real_with_bom(data_dir):
@@ -86,9 +86,9 @@ def test_mrpc_real_with_bom(data_dir):
     assert (len(train), len(dev)) == (3_668, 408)
     assert train[0]["text"].startswith("Amrozi accused his brother, whom he called \"the witness\"")
     assert train[0]["text_pair"].startswith("Referring to him as only \"the witness\"")
-    assert train[0]["label"] == "1"
-    assert Counter(train["label"]) == {"0": 1_194, "1": 2_474}
-    assert set(dev["label"]) == {"0", "1"}
+    assert train[0]["label"] == "equivalent"
+    assert Counter(train["label"]) == {"not_equivalent": 1_194, "equivalent": 2_474}
+    assert set(dev["label"]) == {"not_equivalent", "equivalent"}
 
 
 def test_conll2003_real(conll):
@@ -182,8 +182,8 @@ def test_cola_headerless_works_and_names_bad_line(tmp_path):
     train = task.load("train", tmp_path)
     assert len(train) == 2
     assert train[0] == {"text": "Our friends won't buy this analysis, let alone the next one we propose.",
-                        "text_pair": None, "label": "1"}
-    with raises_at("dev.tsv", 2, "'7'"):
+                        "text_pair": None, "label": "acceptable"}
+    with raises_at("dev.tsv", 2, "'7'", "unacceptable (0), acceptable (1)"):
         task.load("dev", tmp_path)
 
 
@@ -193,7 +193,7 @@ def test_glue_bom_and_stray_header_tolerated(tmp_path):
     (folder / "train.tsv").write_bytes("\ufeffsentence\tlabel\r\ngood\t1\r\nsentence\tlabel\r\nbad\t0\r\n\r\n".encode())
     (folder / "dev.tsv").write_text("sentence\tlabel\nok\t1\n")
     train = get_task("sst2").load("train", tmp_path)
-    assert train["text"] == ["good", "bad"] and train["label"] == ["1", "0"]
+    assert train["text"] == ["good", "bad"] and train["label"] == ["positive", "negative"]
 
 
 def test_glue_missing_file_names_layout(tmp_path):
@@ -316,14 +316,14 @@ def test_files_missing_column(tmp_path, reviews):
         file_task("jsonl", jsonl, dev).load("train")
 
 
-def test_files_wrong_delimiter(tmp_path, reviews):
+def test_files_other_delimiter_read_when_the_header_then_has_the_columns(tmp_path, reviews):
+    # sniffed (issue 13): the header read with the delimiter the file uses has the requested columns;
+    # refusals naming both delimiters are in test_data_adversarial.py
     _, dev = reviews
-    train = write(tmp_path / "really_commas.tsv", "review,stars\ngood,1\n")
-    with raises_at("really_commas.tsv", 1, "comma-separated", ".csv"):
-        file_task("tsv", train, dev).load("train")
-    train = write(tmp_path / "really_tabs.csv", "review\tstars\ngood\t1\n")
-    with raises_at("really_tabs.csv", 1, "tab-separated"):
-        file_task("csv", train, dev).load("train")
+    train = write(tmp_path / "really_commas.tsv", "review,stars\n\"good, fine\",1\n")
+    assert file_task("tsv", train, dev).load("train")["text"] == ["good, fine"]
+    train = write(tmp_path / "really_tabs.csv", "review\tstars\ngood, fine\t1\n")
+    assert file_task("csv", train, dev).load("train")["label"] == ["1"]
 
 
 def test_files_empty_and_header_only(tmp_path, reviews):

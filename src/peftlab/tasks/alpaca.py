@@ -17,8 +17,9 @@ from pathlib import Path
 
 from peftlab import metrics
 from peftlab.errors import PeftlabError
+from peftlab.kinds import TaskKind
 from peftlab.tasks.base import Task, load_hub_dataset
-from peftlab.tasks.tabular import read_rows, seeded_split
+from peftlab.tasks.tabular import is_file, read_rows, seeded_split
 
 FILE = "alpaca_en_demo.json"
 DEV_FRACTION = 0.1
@@ -52,7 +53,7 @@ class AlpacaTask(Task):
     def __init__(self, name: str = "alpaca", **options):
         super().__init__(
             name=name,
-            kind="causal-lm",
+            kind=TaskKind.CAUSAL_LM,
             metric_name="perplexity",
             description="Alpaca-format instruction following (dev perplexity, lower is better)",
             higher_is_better=False,
@@ -67,7 +68,7 @@ class AlpacaTask(Task):
         import datasets
 
         path = data_dir / "alpaca" / FILE
-        if not path.is_file():
+        if not is_file(path):
             raise PeftlabError(
                 f"Task '{self.name}': expected '{path}' (raw layout: alpaca/{FILE}, a JSON list of "
                 "{instruction, input, output} records; split 90/10 into train/dev here). Put the file there, "

@@ -91,6 +91,13 @@ class Task:
         """The label set to train with: fixed for known tasks; user-file tasks derive it from train."""
         return self.label_names
 
+    def use_saved_label_names(self, saved: list[str] | None) -> None:
+        """Load labels under the names a trained run saved when they spell this task's label set another way.
+
+        Call it before scoring a saved run on freshly loaded data. GLUE runs saved before peftlab used
+        GLUE's own names stored ``"0"``/``"1"`` (:meth:`peftlab.tasks.glue.GlueTask.use_saved_label_names`);
+        other tasks have nothing to adapt."""
+
     def compute_metrics(self, predictions, references) -> dict[str, float]:  # pragma: no cover
         """``predictions`` and ``references`` in the task's own terms (label ids, tag lists, ...)."""
         raise NotImplementedError

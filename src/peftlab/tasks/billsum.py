@@ -26,8 +26,9 @@ from pathlib import Path
 
 from peftlab import metrics
 from peftlab.errors import PeftlabError
+from peftlab.kinds import TaskKind
 from peftlab.tasks.base import Task, load_hub_dataset
-from peftlab.tasks.tabular import read_rows
+from peftlab.tasks.tabular import is_file, read_rows
 
 HUB_PATH = "FiscalNote/billsum"
 HUB_SPLITS = {"train": "train", "dev": "test"}
@@ -59,7 +60,7 @@ class BillsumTask(Task):
     def __init__(self, name: str = "billsum", **options):
         super().__init__(
             name=name,
-            kind="seq2seq",
+            kind=TaskKind.SEQ2SEQ,
             metric_name="perplexity",
             description="BillSum bill summarisation (dev perplexity in training; ROUGE-L F1 of generated "
                         "summaries via generation_metrics)",
@@ -74,7 +75,7 @@ class BillsumTask(Task):
 
         folder = data_dir / "billsum"
         candidates = [folder / f"{stem}.{ext}" for stem in LOCAL_FILES[split] for ext in ("jsonl", "csv")]
-        path = next((p for p in candidates if p.is_file()), None)
+        path = next((p for p in candidates if is_file(p)), None)
         if path is None:
             raise PeftlabError(
                 f"Task '{self.name}': expected the {split} file at '{candidates[0]}' (raw layout: "

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from peftlab import metrics
 from peftlab.errors import PeftlabError
+from peftlab.kinds import TaskKind
 from peftlab.tasks.base import Task, load_hub_dataset
-from peftlab.tasks.tabular import read_text
+from peftlab.tasks.tabular import is_file, read_text
 
 LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
 FILES = {"train": "train.txt", "dev": "valid.txt"}
@@ -83,7 +84,7 @@ class Conll2003Task(Task):
     def __init__(self, name: str = "conll2003", **options):
         super().__init__(
             name=name,
-            kind="token-cls",
+            kind=TaskKind.TOKEN_CLS,
             metric_name="f1",
             description="CoNLL-2003 English NER: PER, ORG, LOC, MISC (seqeval entity F1)",
             label_names=list(LABELS),
@@ -94,7 +95,7 @@ class Conll2003Task(Task):
         import datasets
 
         path = data_dir / "conll2003" / FILES[split]
-        if not path.is_file():
+        if not is_file(path):
             raise PeftlabError(
                 f"Task '{self.name}': expected the {split} file at '{path}' (raw layout: conll2003/train.txt "
                 "and conll2003/valid.txt, 'token POS chunk NER' per line). Put the files there, or unset "

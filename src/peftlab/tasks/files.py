@@ -12,9 +12,14 @@ Format: each file is read by its extension (``.csv`` comma-separated, ``.tsv`` t
 ``.jsonl`` one JSON object per line, ``.json`` a JSON list of objects), whichever of ``csv``,
 ``tsv`` or ``jsonl`` the task is called: ``--task csv`` with a ``.tsv`` file reads it as TSV. A file
 with any other extension (``.txt``, none) is read in the task's own format. CSV/TSV files need a
-header row naming the columns.
+header row naming the columns; when it lacks the requested columns and the file uses another
+delimiter (a ``;``-separated ``.csv``), the file is read with that delimiter if its header then has
+them (:func:`peftlab.tasks.tabular.read_rows`).
 
-Labels stay strings (JSON numbers and booleans are written as in JSON: ``1``, ``true``). Without
+Labels stay strings (JSON numbers and booleans are written as in JSON: ``1``, ``true``). An empty
+label, or a missing-value marker as spreadsheets and pandas write them (``NaN``, ``NA``, ``N/A``,
+``null``, ``None``, ...: :data:`MISSING_LABELS`), is an error naming the file and line, unless
+``label_names`` lists it as a real class; regression labels must be finite numbers. Without
 ``label_names`` the label set is the sorted distinct labels of the training file (numerically when
 every label is a number, so ``2`` comes before ``10``); a dev label outside it is an error naming the
 file, line and label. The files are never looked up on the Hub.
@@ -30,14 +35,21 @@ from typing import Any
 
 from peftlab import metrics
 from peftlab.errors import PeftlabError
+from peftlab.kinds import TaskKind
 from peftlab.tasks.base import SPLITS, Task
-from peftlab.tasks.tabular import read_rows, read_text
+from peftlab.tasks.tabular import check_file, read_rows, read_text
 
 FORMATS = {"csv": ",", "tsv": "\t", "jsonl": None}
 EXTENSIONS = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".json": None}
 FILE_OPTIONS = {"train": ("train_file", "--train-file"), "dev": ("dev_file", "--dev-file")}
 KNOWN_OPTIONS = ("train_file", "dev_file", "text_column", "text_pair_column", "label_column", "label_names",
                  "regression")
+# What spreadsheets, R and pandas write for a missing value (pandas' default ``na_values``, compared without
+# case): such a label is a hole in the data, not a class of its own.
+MISSING_LABELS = frozenset({
+    "nan", "-nan", "na", "n/a", "#n/a", "#n/a n/a", "#na", "<na>", "null", "none", "nil",
+    "1.#ind", "-1.#ind", "1.#qnan", "-1.#qnan",
+})
 
 
 def _flag(option: str) -> str:
@@ -129,7 +141,7 @@ class FileTask(Task):
                                    f"not {value!r}.")
         super().__init__(
             name=name,
-            kind="seq-cls",
+            kind=TaskKind.SEQ_CLS,
             metric_name="pearson" if regression else "accuracy",
             description=f"your own {name.upper()} files: "
                         f"{'regression (Pearson)' if regression else 'classification (accuracy, macro F1 above 2 labels)'}",
@@ -175,13 +187,12 @@ class FileTask(Task):
         self._missing_options(split)
         option, flag = FILE_OPTIONS[split]
         path = Path(self.options[option]).expanduser()
-        if not path.is_file():
-            raise PeftlabError(f"{flag} '{path}' does not exist{' (it is a folder)' if path.is_dir() else ''}.")
+        check_file(path, flag)
         text_column = self.options["text_column"]
         pair_column = self.options.get("text_pair_column")
         label_column = self.options["label_column"]
         columns = [text_column] + ([pair_column] if pair_column else []) + [label_column]
-        rows = read_rows(path, delimiter=self._delimiter(path))
+        rows = read_rows(path, delimiter=self._delimiter(path), columns=columns)
         records = []
         for index, (line_number, row) in enumerate(rows):
             missing = [c for c in columns if c not in row]
@@ -217,25 +228,33 @@ class FileTask(Task):
 
     def _label(self, path: Path, line_number: int, row: dict, column: str):
         value = row[column]
+        where = f"{path}, line {line_number}: field '{column}' (the label)"
         if value is None or (isinstance(value, (list, dict))):
             raise PeftlabError(
-                f"{path}, line {line_number}: field '{column}' is "
-                f"{'null' if value is None else 'a JSON ' + type(value).__name__}, not a label."
+                f"{where} is {'null' if value is None else 'a JSON ' + type(value).__name__}, not a label; "
+                "fill it in or drop the row."
             )
+        if isinstance(value, float) and not math.isfinite(value):  # JSON's NaN / Infinity
+            raise PeftlabError(f"{where} is {json.dumps(value)}, not a "
+                               f"{'finite number' if self.is_regression else 'label'}; fill it in or drop the row.")
         label = _label_string(value)
         if label == "":
-            raise PeftlabError(f"{path}, line {line_number}: field '{column}' (the label) is empty.")
+            raise PeftlabError(f"{where} is empty; fill it in or drop the row.")
         if self.is_regression:
             try:
                 number = float(label)
             except ValueError:
-                number = math.nan
+                raise PeftlabError(f"{where} is '{label}', not a number (--regression needs numeric labels); "
+                                   "fix it or drop the row.") from None
             if not math.isfinite(number):
-                raise PeftlabError(
-                    f"{path}, line {line_number}: field '{column}' is '{label}', not a number "
-                    "(--regression needs numeric labels)."
-                )
+                raise PeftlabError(f"{where} is '{label}', not a finite number (--regression needs numeric "
+                                   "labels); fix it or drop the row.")
             return number
+        if label.lower() in MISSING_LABELS and not (self._fixed_labels and label in self.label_names):
+            raise PeftlabError(
+                f"{where} is '{label}', a missing-value marker rather than a class; fill in the label or drop the "
+                f"row (if '{label}' is a real class, list it in --label-names)."
+            )
         return label
 
     def _check_labels(self, path: Path, rows, records, known: list[str]) -> None:

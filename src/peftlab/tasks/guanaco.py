@@ -21,8 +21,9 @@ from pathlib import Path
 
 from peftlab import metrics
 from peftlab.errors import PeftlabError
+from peftlab.kinds import TaskKind
 from peftlab.tasks.base import Task, load_hub_dataset
-from peftlab.tasks.tabular import read_rows, seeded_split
+from peftlab.tasks.tabular import is_file, read_rows, seeded_split
 
 HUB_PATH = "timdettmers/openassistant-guanaco"
 HUB_SPLITS = {"train": "train", "dev": "test"}
@@ -55,7 +56,7 @@ class GuanacoTask(Task):
     def __init__(self, name: str = "guanaco", **options):
         super().__init__(
             name=name,
-            kind="causal-lm",
+            kind=TaskKind.CAUSAL_LM,
             metric_name="perplexity",
             description="OpenAssistant Guanaco chat SFT, '### Human: ... ### Assistant: ...' (dev perplexity)",
             higher_is_better=False,
@@ -90,10 +91,10 @@ class GuanacoTask(Task):
 
         folder = data_dir / "guanaco"
         train_path = folder / "train.jsonl"
-        dev_path = next((p for p in (folder / "test.jsonl", folder / "dev.jsonl") if p.is_file()), None)
+        dev_path = next((p for p in (folder / "test.jsonl", folder / "dev.jsonl") if is_file(p)), None)
         if split == "dev" and dev_path is not None:
             return datasets.Dataset.from_list(self._records(read_rows(dev_path, delimiter=None), dev_path))
-        if not train_path.is_file():
+        if not is_file(train_path):
             raise PeftlabError(
                 f"Task '{self.name}': expected '{train_path}' (raw layout: guanaco/train.jsonl and "
                 "guanaco/test.jsonl, one {\"text\": \"### Human: ...### Assistant: ...\"} object per line). Put the "

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from peftlab import metrics
 from peftlab.errors import PeftlabError
+from peftlab.kinds import TaskKind
 from peftlab.tasks.base import Task, load_hub_dataset
-from peftlab.tasks.tabular import read_rows, require_columns, seeded_split
+from peftlab.tasks.tabular import is_file, read_rows, require_columns, seeded_split
 
 LABELS = ["0", "1"]
 DEV_FRACTION = 0.2
@@ -38,7 +39,7 @@ class ImdbTask(Task):
     def __init__(self, name: str = "imdb", **options):
         super().__init__(
             name=name,
-            kind="seq-cls",
+            kind=TaskKind.SEQ_CLS,
             metric_name="accuracy",
             description="IMDB movie-review sentiment, binary (accuracy)",
             label_names=list(LABELS),
@@ -49,14 +50,14 @@ class ImdbTask(Task):
         import datasets
 
         path = data_dir / "imdb" / "imdb.csv"
-        if not path.is_file():
+        if not is_file(path):
             raise PeftlabError(
                 f"Task '{self.name}': expected '{path}' (raw layout: imdb/imdb.csv with columns text,label; "
                 "it is split 80/20 into train/dev here). Put the file there, or unset "
                 "--data-dir/$PEFTLAB_DATA_DIR to load from the Hub."
             )
         records = []
-        for line_number, row in read_rows(path, delimiter=","):
+        for line_number, row in read_rows(path, delimiter=",", columns=["text", "label"]):
             require_columns(path, line_number, row, ["text", "label"])
             label = row["label"].strip()
             if label not in LABELS:

@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 
 from peftlab import metrics
+from peftlab.kinds import TaskKind
 from peftlab.tasks.base import Task
 from peftlab.tasks.imdb import ImdbTask
 
@@ -64,7 +65,7 @@ class ImdbGenTask(Task):
     def __init__(self, name: str = "imdb-gen", max_words: int = MAX_WORDS, **options):
         super().__init__(
             name=name,
-            kind="causal-lm",
+            kind=TaskKind.CAUSAL_LM,
             metric_name="perplexity",
             description="IMDB sentiment-conditioned review generation (dev perplexity; sentiment agreement "
                         "of generated reviews via peftlab.labs)",

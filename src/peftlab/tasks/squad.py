@@ -36,8 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.errors import PeftlabError
+from peftlab.kinds import TaskKind
 from peftlab.tasks.base import Task, load_hub_dataset
-from peftlab.tasks.tabular import read_rows, read_text
+from peftlab.tasks.tabular import is_file, read_rows, read_text
 
 HUB_PATH = "rajpurkar/squad"
 HUB_SPLITS = {"train": "train", "dev": "validation"}
@@ -228,7 +229,7 @@ class SquadTask(Task):
     def __init__(self, name: str = "squad", **options):
         super().__init__(
             name=name,
-            kind="qa",
+            kind=TaskKind.QA,
             metric_name="f1",
             description="SQuAD v1.1 extractive question answering (exact match and F1, official definitions)",
             options=options,
@@ -239,7 +240,7 @@ class SquadTask(Task):
 
         folder = data_dir / "squad"
         candidates = [folder / name for name in LOCAL_FILES[split]]
-        path = next((p for p in candidates if p.is_file()), None)
+        path = next((p for p in candidates if is_file(p)), None)
         if path is None:
             raise PeftlabError(
                 f"Task '{self.name}': expected the {split} file at '{candidates[0]}' (or {candidates[1].name}): the "

@@ -8,9 +8,15 @@ Tolerated: a UTF-8 byte-order mark, a stray repeated header row, CRLF or CR line
 record starts on), and Unicode line-separator characters inside a field (``\\x85``, ``\\u2028``:
 IMDB reviews contain them; only ``\\n``, ``\\r\\n`` and ``\\r`` end a line).
 
-Rejected with one message naming the file and line: a file that does not exist, is not UTF-8, is
-empty or has a header but no rows; a missing column; a ragged row; a delimiter that does not match
-the extension; invalid JSON.
+Rejected with one sentence naming the file (and the line, where there is one): a file that does not
+exist, is a folder or not a regular file, cannot be read (permissions), is binary, compressed,
+UTF-16 or otherwise not UTF-8, is empty or has a header but no rows; a missing column; a ragged row;
+invalid JSON.
+
+The delimiter: when the header read with the expected delimiter lacks the columns the caller needs,
+the first lines are sniffed (``csv.Sniffer``, restricted to ``, ; tab |``). A file that then has the
+columns is read with the delimiter it uses (a ``;``-separated ``.csv``, a comma-separated ``.tsv``);
+otherwise the error names the delimiter found and the one expected.
 
 Also here: :func:`seeded_split`, the deterministic train/dev split used by the tasks whose source has
 one split only (IMDB sample, Alpaca).
@@ -47,24 +53,97 @@ def delimiter_for(path: Path) -> str | None:
     )
 
 
-def read_text(path: str | Path) -> str:
-    """A whole UTF-8 file (BOM dropped); a clear error if it is missing, empty or not UTF-8."""
+def is_file(path: str | Path) -> bool:
+    """``Path.is_file``, except that a folder this process may not enter is one sentence, not a PermissionError."""
+    try:
+        return Path(path).is_file()
+    except OSError as error:
+        raise PeftlabError(f"Data file '{path}' cannot be reached ({_reason(error)}); give this user access to "
+                           "its folder or copy the file somewhere readable.") from None
+
+
+def check_file(path: str | Path, what: str = "Data file") -> None:
+    """One sentence unless ``path`` is an existing regular file (``what`` names it: ``--train-file``...)."""
     path = Path(path)
-    if not path.is_file():
-        raise PeftlabError(f"Data file '{path}' does not exist{' (it is a folder)' if path.is_dir() else ''}.")
-    data = path.read_bytes()
+    if is_file(path):
+        return
+    if path.is_dir():
+        raise PeftlabError(f"{what} '{path}' is a folder, not a file; point it at the data file inside.")
+    if path.exists():
+        raise PeftlabError(f"{what} '{path}' is not a regular file (a device, pipe or socket); give a file on disk.")
+    raise PeftlabError(f"{what} '{path}' does not exist; check the path (relative paths start from {Path.cwd()}).")
+
+
+def _reason(error: OSError) -> str:
+    return (error.strerror or type(error).__name__).lower()
+
+
+# Leading bytes of files that are not text, and what to do about them.
+_MAGIC = (
+    (b"\x1f\x8b", "gzip-compressed", "decompress it first (gunzip)"),
+    (b"PK\x03\x04", "a zip archive (or an Excel .xlsx workbook)",
+     "extract the file, or save the sheet as CSV (UTF-8)"),
+    (b"BZh", "bzip2-compressed", "decompress it first (bunzip2)"),
+    (b"\xfd7zXZ\x00", "xz-compressed", "decompress it first (unxz)"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it first (unzstd)"),
+    (b"PAR1", "a Parquet file", "convert it to CSV or JSON Lines"),
+    (b"%PDF", "a PDF document", "export the table as CSV"),
+    (b"\xd0\xcf\x11\xe0", "an old Excel .xls workbook", "save the sheet as CSV (UTF-8)"),
+)
+_UTF16 = (b"\xff\xfe", b"\xfe\xff")
+
+
+def read_text(path: str | Path, what: str = "Data file") -> str:
+    """A whole UTF-8 file (BOM dropped); one sentence naming the file if it cannot be read as UTF-8 text."""
+    path = Path(path)
+    check_file(path, what)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise PeftlabError(f"{what} '{path}' cannot be read ({_reason(error)}); give this user read access "
+                           "(chmod +r) or copy the file somewhere readable.") from None
+    for magic, kind, remedy in _MAGIC:
+        if data.startswith(magic):
+            raise PeftlabError(f"{path}: the file is {kind}, not text; {remedy}.")
+    if data.startswith(_UTF16):
+        raise PeftlabError(f"{path}: the file is UTF-16 text (as Excel's 'Unicode Text' saves it), not UTF-8; "
+                           "save it as UTF-8 (Excel: 'CSV UTF-8').")
+    if b"\x00" in data:
+        line = data[: data.index(b"\x00")].count(b"\n") + 1
+        raise PeftlabError(f"{path}, line {line}: the file is binary (it contains NUL bytes), not text; point the "
+                           "option at the data file itself.")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise PeftlabError(
-            f"{path}, line {line}: the file is not UTF-8 (byte 0x{data[error.start]:02x}). "
-            "Save it as UTF-8 and try again."
+            f"{path}, line {line}: the file is not UTF-8 (byte 0x{data[error.start]:02x}); "
+            "save it as UTF-8 and try again."
         ) from None
     if not text.strip():
-        raise PeftlabError(f"{path}, line 1: the file is empty{'' if not text else ' (only blank lines)'}. "
-                           "Give it a header row and data rows, or point the option at the right file.")
+        raise PeftlabError(f"{path}, line 1: the file is empty{'' if not text else ' (only blank lines)'}; "
+                           "give it a header row and data rows, or point the option at the right file.")
     return text
+
+
+DELIMITER_NAMES = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}
+SNIFF_LINES = 20  # the first lines csv.Sniffer looks at (header and data)
+
+
+def describe_delimiter(delimiter: str) -> str:
+    """``comma-separated (',')`` and so on."""
+    return f"{DELIMITER_NAMES.get(delimiter, 'other')}-separated ({delimiter!r})"
+
+
+def sniff_delimiter(text: str) -> str | None:
+    """The delimiter the first lines of ``text`` use, as ``csv.Sniffer`` judges among ``, ; tab |``; None if unclear."""
+    lines = [line for line in text[:65536].replace("\r\n", "\n").replace("\r", "\n").split("\n") if line.strip()]
+    for sample in ("\n".join(lines[:SNIFF_LINES]), lines[0] if lines else ""):
+        try:
+            return csv.Sniffer().sniff(sample, delimiters="".join(DELIMITER_NAMES)).delimiter
+        except csv.Error:
+            continue
+    return None
 
 
 def read_rows(
@@ -73,6 +152,9 @@ def read_rows(
     delimiter: str | None = "",
     header: bool | list[str] = True,
     quoting: int = csv.QUOTE_MINIMAL,
+    columns: list[str] | None = None,
+    follow_sniffed: bool = True,
+    expected_by: str | None = None,
 ) -> list[tuple[int, dict]]:
     """(line number, row dict) for every data row of a CSV/TSV/JSON Lines file.
 
@@ -80,6 +162,12 @@ def read_rows(
     True to read column names from the first line, or the list of names for headerless files
     (CoLA's GLUE files). Line numbers are 1-based physical lines (where the record starts); for a
     JSON list they are the line each object starts on.
+
+    ``columns`` are the columns the caller needs. When the header lacks them (or, without
+    ``columns``, has a single column) and the first lines use another delimiter (``csv.Sniffer``),
+    the file is read with that delimiter if ``follow_sniffed`` and its header then has them;
+    otherwise the error names both delimiters. ``expected_by`` says where the expected delimiter
+    comes from (default: the file's extension; GLUE: "GLUE's raw layout").
     """
     path = Path(path)
     if delimiter == "":
@@ -87,55 +175,85 @@ def read_rows(
     text = read_text(path)
     if delimiter is None:
         return _read_json_rows(path, text)
+    expected_by = expected_by or (f"its {path.suffix.lower()} extension" if path.suffix else "the task's format")
 
+    reader, names, header_line = _open_delimited(path, text, delimiter, quoting, header)
+    if header is True and _lacks(names, columns):
+        found = sniff_delimiter(text)
+        if found is not None and found != delimiter:
+            sniffed = _open_delimited(path, text, found, quoting, header)
+            if follow_sniffed and columns and not _lacks(sniffed[1], columns):
+                reader, names, header_line = sniffed
+                delimiter = found
+            else:
+                raise _delimiter_error(path, header_line, found, delimiter, expected_by, columns, sniffed[1],
+                                       follow_sniffed)
+    return _data_rows(path, text, reader, names, header_line, header is True, delimiter, expected_by)
+
+
+def _lacks(names: list[str], columns: list[str] | None) -> bool:
+    """True when a header needs a second look: it misses a wanted column, or (none wanted) has only one."""
+    return any(column not in names for column in columns) if columns else len(names) == 1
+
+
+def _open_delimited(path: Path, text: str, delimiter: str, quoting: int, header: bool | list[str]):
+    """(reader positioned after the header, column names, header line) for one delimiter."""
     # newline="" splits lines on \n, \r\n and \r only (str.splitlines would also split on \x85,
     # \u2028, ... which occur inside real review text) and leaves the csv module to handle quoted
     # newlines.
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
-    rows: list[tuple[int, dict]] = []
-    columns: list[str]
-    last_line = 0  # physical line the previous record ended on
-    if header is True:
-        first = []
+    if header is not True:
+        return reader, list(header), 0
+    first: list[str] = []
+    try:
         while not first or all(not v.strip() for v in first):  # skip leading blank lines
-            try:
-                first = next(reader)
-            except StopIteration:
-                raise PeftlabError(f"{path}, line 1: the file is empty.") from None
-        header_line = reader.line_num
-        last_line = reader.line_num
-        columns = [c.strip() for c in first]
-        if len(columns) == 1:
-            other = "," if delimiter == "\t" else "\t"
-            if other in columns[0]:
-                raise PeftlabError(
-                    f"{path}, line {header_line}: the header has one column but contains "
-                    f"{'commas' if other == ',' else 'tabs'}; the file looks "
-                    f"{'comma' if other == ',' else 'tab'}-separated while its extension says "
-                    f"{'tab' if delimiter == chr(9) else 'comma'}-separated. Rename it to "
-                    f"{'.csv' if other == ',' else '.tsv'} (or save it with "
-                    f"{'tabs' if delimiter == chr(9) else 'commas'})."
-                )
-        duplicates = sorted({c for c in columns if c and columns.count(c) > 1})  # "" = unnamed, unused
-        if duplicates:
-            raise PeftlabError(
-                f"{path}, line {header_line}: the header names column{'s' if len(duplicates) > 1 else ''} "
-                f"{', '.join(repr(d) for d in duplicates)} more than once. Give every column a distinct name."
-            )
-    else:
-        columns = list(header)
+            first = next(reader)
+    except StopIteration:
+        raise PeftlabError(f"{path}, line 1: the file is empty.") from None
+    except csv.Error as error:
+        raise PeftlabError(f"{path}, line {reader.line_num}: cannot parse the header ({error}); check the quoting.") \
+            from None
+    names = [c.strip() for c in first]
+    duplicates = sorted({c for c in names if c and names.count(c) > 1})  # "" = unnamed, unused
+    if duplicates:
+        raise PeftlabError(
+            f"{path}, line {reader.line_num}: the header names column{'s' if len(duplicates) > 1 else ''} "
+            f"{', '.join(repr(d) for d in duplicates)} more than once. Give every column a distinct name."
+        )
+    return reader, names, reader.line_num
+
+
+def _delimiter_error(path: Path, line: int, found: str, expected: str, expected_by: str, columns, found_names,
+                     follow_sniffed: bool) -> PeftlabError:
+    where = f"{path}, line {line}: the file looks {describe_delimiter(found)} but {expected_by} means " \
+            f"{describe_delimiter(expected)}"
+    if follow_sniffed and columns:
+        missing = ", ".join(repr(c) for c in columns if c not in found_names)
+        return PeftlabError(f"{where}, and read either way its header has no column {missing} "
+                            f"({DELIMITER_NAMES.get(found)}-separated it has {', '.join(repr(c) for c in found_names)}); "
+                            "fix the column option or the header.")
+    return PeftlabError(f"{where}; save it {DELIMITER_NAMES.get(expected, 'correctly')}-separated.")
+
+
+def _data_rows(path: Path, text: str, reader, columns: list[str], header_line: int, has_header: bool, delimiter: str,
+               expected_by: str) -> list[tuple[int, dict]]:
+    rows: list[tuple[int, dict]] = []
+    last_line = header_line  # physical line the previous record ended on
     try:
         for values in reader:
             line_number = last_line + 1
             last_line = reader.line_num
             if not values or all(not v.strip() for v in values):
                 continue
-            if [v.strip() for v in values] == columns:
+            if has_header and [v.strip() for v in values] == columns:
                 continue  # a stray repeated header row (seen in real scraped CSVs)
             if len(values) != len(columns):
+                found = sniff_delimiter(text)
+                hint = (f" (the file looks {describe_delimiter(found)} but {expected_by} means "
+                        f"{describe_delimiter(delimiter)})" if found not in (None, delimiter) else "")
                 raise PeftlabError(
                     f"{path}, line {line_number}: expected {len(columns)} fields "
-                    f"({', '.join(columns)}) but found {len(values)}. Check the delimiter and quoting."
+                    f"({', '.join(columns)}) but found {len(values)}{hint}; check the delimiter and quoting."
                 )
             rows.append((line_number, dict(zip(columns, values))))
     except csv.Error as error:
@@ -143,7 +261,7 @@ def read_rows(
             f"{path}, line {reader.line_num}: cannot parse the row ({error}). Check the quoting."
         ) from None
     if not rows:
-        if header is True:
+        if has_header:
             raise PeftlabError(f"{path}, line {last_line + 1}: no data rows after the header (line {header_line}).")
         raise PeftlabError(f"{path}, line 1: the file has no data rows.")
     return rows
