@@ -19,6 +19,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
+SST2_LABELS = ["negative", "positive"]  # GLUE's names for SST-2's classes
 TEXTS = ["a gripping, funny and beautifully acted film", "the plot is thin and the jokes fall flat", "meh",
          "an uneven but ultimately rewarding experience"]
 
@@ -52,13 +53,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(runs):
+def server(runs, tmp_path_factory):
     from peftlab.serving import build
     from peftlab.serving.app import create_app
 
     engine = build("minilm", {name: str(path) for name, path in runs.items()})
-    config = uvicorn.Config(create_app(engine), host="127.0.0.1", port=free_port(), log_level="warning",
-                            lifespan="on")
+    # run-time loads on (in process, without a key) from the session's temporary folders
+    app = create_app(engine, admin=True, adapter_root=tmp_path_factory.getbasetemp())
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="on")
     instance = uvicorn.Server(config)
     thread = threading.Thread(target=instance.run, daemon=True)
     thread.start()
@@ -98,7 +100,7 @@ def test_health_and_adapter_listing(server):
     assert set(by_name) == {"lora", "ia3", "prompt"}
     assert {by_name[n]["method"] for n in by_name} == {"lora", "ia3", "prompt-tuning"}
     for adapter in by_name.values():
-        assert adapter["task"] == "sst2" and adapter["kind"] == "seq-cls" and adapter["labels"] == ["0", "1"]
+        assert adapter["task"] == "sst2" and adapter["kind"] == "seq-cls" and adapter["labels"] == SST2_LABELS
     # three peft types: three groups over one base
     assert len({a["group"] for a in by_name.values()}) == 3
 
@@ -265,11 +267,11 @@ def test_merged_model_served_like_an_adapter(server, runs, reference, tmp_path, 
     merge(runs["lora"], tmp_path / "merged", samples=4, data_dir=str(data_dir), quiet=True)
     loaded = post(client, "/v1/adapters", {"name": "merged", "path": str(tmp_path / "merged")})
     assert loaded.status_code == 201, loaded.text
-    assert loaded.json()["method"] == "merged" and loaded.json()["labels"] == ["0", "1"]
+    assert loaded.json()["method"] == "merged" and loaded.json()["labels"] == SST2_LABELS
     response = post(client, "/v1/predict", {"adapter": "merged", "inputs": TEXTS})
     for got, expected in zip(response.json()["outputs"], reference["lora"]):
         assert got["label"] == expected["label"]
-        assert got["probabilities"]["1"] == pytest.approx(expected["probabilities"]["1"], abs=1e-5)
+        assert got["probabilities"]["positive"] == pytest.approx(expected["probabilities"]["positive"], abs=1e-5)
     assert client.delete("/v1/adapters/merged").status_code == 200
 
 

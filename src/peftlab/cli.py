@@ -239,7 +239,9 @@ def cmd_serve(args, extra):
         if not sep or not name or not path:
             raise PeftlabError(f"--adapter '{spec}' must look like NAME=DIR (for example sst2=runs/lora-sst2).")
         adapters[name] = path
-    serve(base=args.base, adapters=adapters, host=args.host, port=args.port, threads=args.threads)
+    serve(base=args.base, adapters=adapters, host=args.host, port=args.port, threads=args.threads,
+          api_keys=args.api_key, admin=args.admin, adapter_root=args.adapter_root, allow_hub=args.allow_hub,
+          docs=args.docs)
     return 0
 
 
@@ -349,18 +351,32 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, set[str]]]:
     sub.add_argument("--port", type=int, default=8000)
     sub.add_argument("--threads", type=int, default=None,
                      help="torch threads for inference (default $PEFTLAB_SERVE_THREADS or torch's; 1 on busy machines)")
+    sub.add_argument("--api-key", action="append", metavar="KEY",
+                     help="accept 'Authorization: Bearer KEY' (repeatable; default $PEFTLAB_API_KEY, comma-separated); "
+                          "with a key, every endpoint but /health needs one")
+    sub.add_argument("--admin", action="store_true",
+                     help="allow loading/unloading adapters at run time (POST/DELETE /v1/adapters; needs a key)")
+    sub.add_argument("--adapter-root", metavar="DIR", default=None,
+                     help="with --admin: the only folder run-time loads may read from")
+    sub.add_argument("--allow-hub", action="store_true", help="with --admin: allow run-time loads of Hub ids")
+    sub.add_argument("--docs", action="store_true", help="serve /docs, /redoc and /openapi.json")
     sub.set_defaults(handler=cmd_serve)
 
     sub = commands.add_parser("recommend", help="rank the methods for your situation")
     sub.add_argument("--model", required=True)
-    sub.add_argument("--task-type", required=True, choices=["classification", "ner", "qa", "generation", "seq2seq"])
-    sub.add_argument("--memory", default="16GB", help="device memory, e.g. 16GB")
+    from peftlab.methods.base import GUIDE_TASK_TYPES
+
+    what = sub.add_mutually_exclusive_group(required=True)
+    what.add_argument("--task", help="a registered task (sst2, rte, conll2003, alpaca...): its kind decides the type")
+    what.add_argument("--task-type", choices=GUIDE_TASK_TYPES)
+    sub.add_argument("--memory", default=None,
+                     help="memory to plan for, e.g. 16GB (default: this machine's GPU memory, or its RAM without a GPU)")
     sub.add_argument("--tasks", type=int, default=1, help="how many tasks will share one base model")
     sub.add_argument("--latency-critical", action="store_true")
     sub.add_argument("--few-shot", action="store_true")
     sub.add_argument("--domain-specific", action="store_true", help="domain-specific data (favours BitFit)")
-    sub.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
-                     help="what --memory is: GPU memory (default) or CPU RAM")
+    sub.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                     help="what to plan for: a CUDA GPU or the CPU (default: this machine's device)")
     sub.add_argument("--batch-size", type=int, default=8)
     sub.add_argument("--max-length", type=int, default=512)
     sub.add_argument("--json", action="store_true")
