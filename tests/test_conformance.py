@@ -31,6 +31,7 @@ import subprocess
 import sys
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -141,16 +142,20 @@ def run_cell(name: str, cell: str, workdir: Path) -> dict:
     except PeftlabError as error:
         result["unsupported"] = str(error)
         return result
+    method.total_steps = STEPS  # as the trainer does before apply (AdaLoRA schedules its rank budget on it)
     model = method.apply(base, kind)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     batch = cell_batch(model, kind)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
+    callbacks = method.training_callbacks(model)
     model.train()
-    for _ in range(STEPS):
+    for step in range(STEPS):
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()
+        for callback in callbacks:  # where the Trainer calls them: after the step, before zero_grad
+            callback.on_optimizer_step(None, SimpleNamespace(global_step=step), None, model=model)
         optimizer.zero_grad()
     after = dict(model.named_parameters())
     result["unchanged_trainable"] = sorted(n for n in trainable if torch.equal(before[n], after[n].detach()))

@@ -28,6 +28,12 @@ _REGISTRY: dict[str, tuple[str, str] | type[Method]] = {
     "ia3": ("peftlab.methods.ia3", "IA3"),
     "bitfit": ("peftlab.methods.bitfit", "BitFit"),
     "full": ("peftlab.methods.full", "FullFineTuning"),
+    "dora": ("peftlab.methods.dora", "DoRA"),
+    "adalora": ("peftlab.methods.adalora", "AdaLoRA"),
+    "vera": ("peftlab.methods.vera", "VeRA"),
+    "loha": ("peftlab.methods.loha", "LoHa"),
+    "lokr": ("peftlab.methods.lokr", "LoKr"),
+    "oft": ("peftlab.methods.oft", "OFT"),
 }
 
 

@@ -296,3 +296,13 @@ def iter_layers(model: nn.Module):
             yield name, child
             stack.append((name, child))
 
+
+
+def target_matches(name: str, targets: list[str]) -> bool:
+    """Whether module ``name`` is one of ``targets`` as peft matches a list: the full name or a ``.name`` suffix."""
+    return name in targets or any(name.endswith("." + target) for target in targets)
+
+
+def targeted_layers(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Module]]:
+    """(name, base layer) of every layer peft wraps for ``targets`` (peft wrappers seen through)."""
+    return [(name, layer) for name, layer in iter_layers(unwrap(model)) if target_matches(name, targets)]
