@@ -459,9 +459,6 @@ def test_old_run_labels_tokenize_to_the_same_ids(data_dir):
 
 
 @pytest.mark.real
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=(
-    "needs peftlab.inference.task_for_manifest to call task.use_saved_label_names(manifest.label_names); "
-    "remove this marker once it does"))
 def test_a_run_saved_with_0_1_names_still_evaluates(tmp_path, data_dir):
     """eval of a GLUE run from before GLUE's names (tests/data/legacy-407067a: label_names ["0", "1"])."""
     import shutil

@@ -80,7 +80,10 @@ def task_for_manifest(manifest: RunManifest, task: str | None, task_options: dic
         raise PeftlabError("This adapter does not record its task (it was not trained by peftlab): pass --task.")
     options = dict(manifest.task_options)
     options.update(task_options or {})
-    return get_task(name, **options)
+    task_object = get_task(name, **options)
+    if name == manifest.task and manifest.label_names is not None:
+        task_object.use_saved_label_names(manifest.label_names)  # runs saved with GLUE labels as "0"/"1"
+    return task_object
 
 
 def evaluate(adapter: str | Path, *, task: str | None = None, data_dir: str | None = None,
