@@ -56,7 +56,7 @@ def test_merge_reproduces_the_adapter(merged, runs, method):
     assert written["source_adapter"] == str(Path(runs[method]).resolve())
     assert written["method"] == method and written["max_abs_diff"] == report["max_abs_diff"]
     config = json.loads((folder / "config.json").read_text())
-    assert config["id2label"] == {"0": "0", "1": "1"} and "quantization_config" not in config
+    assert config["id2label"] == {"0": "negative", "1": "positive"} and "quantization_config" not in config
 
 
 def test_merged_model_loads_with_plain_transformers(merged, runs, tmp_path):
@@ -90,10 +90,11 @@ print(json.dumps({{"id2label": model.config.id2label, "probabilities": logits.so
                             env={k: v for k, v in os.environ.items() if not k.startswith("PYTHON")})
     assert result.returncode == 0, result.stderr[-2000:]
     payload = json.loads(result.stdout.strip().splitlines()[-1])
-    assert payload["id2label"] == {"0": "0", "1": "1"}
+    assert payload["id2label"] == {"0": "negative", "1": "positive"}
     expected = predict(load_trained(runs["lora"], device="cpu"), TEXTS)
     for row, reference in zip(payload["probabilities"], expected):
-        assert row == pytest.approx([reference["probabilities"]["0"], reference["probabilities"]["1"]], abs=1e-5)
+        assert row == pytest.approx([reference["probabilities"]["negative"], reference["probabilities"]["positive"]],
+                                    abs=1e-5)
 
 
 def test_merge_cli_prints_the_difference(runs, tmp_path, capsys, data_dir):
