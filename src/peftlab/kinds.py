@@ -94,6 +94,14 @@ class TaskKind(StrEnum):
             record["text_pair"] = row["text_pair"]
         return record
 
+    def reference_from_example(self, row: dict[str, Any]) -> Any:
+        """The text a generative row expects (causal LM: ``response``; seq2seq: ``target``); None otherwise."""
+        if self is TaskKind.CAUSAL_LM:
+            return row.get("response")
+        if self is TaskKind.SEQ2SEQ:
+            return row.get("target")
+        return None
+
     def record_from_input(self, value: Any, where: str) -> dict[str, Any]:
         """A user's input (a string or a JSON object) -> the record ``predict`` and the server work on.
 

@@ -40,3 +40,24 @@ def silence_startup_noise() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(existing, _DropMessages) for existing in logger.filters):
             logger.addFilter(_DropMessages(fragments))
+
+
+def quiet_libraries() -> None:
+    """Library chatter that a command-line user cannot act on: FutureWarnings, transformers/datasets info
+    logs and progress bars (peftlab prints its own progress). Kept with ``$PEFTLAB_DEBUG``."""
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if os.environ.get(DEBUG_ENV):
+        return
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    try:
+        import datasets
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass

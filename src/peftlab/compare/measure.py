@@ -81,14 +81,8 @@ def sample_generations(loaded, rows: list[dict[str, Any]]) -> list[dict[str, Any
 
 
 def reference_text(kind: TaskKind, row: dict[str, Any], record: dict[str, Any]) -> Any:
-    """The text a generative dev row expects (causal LM: ``response``; seq2seq: ``target``).
-
-    A generative row holds its input and its reference and nothing else (``peftlab.tasks.base``), so the
-    reference is the field the input record does not use, unless the kind states it itself."""
-    stated = getattr(kind, "reference_from_example", None)
-    if stated is not None:
-        return stated(row)
-    return next((value for key, value in row.items() if key not in record), None)
+    """The text a generative dev row expects (causal LM: ``response``; seq2seq: ``target``)."""
+    return TaskKind(kind).reference_from_example(row)
 
 
 def is_peft_model(model) -> bool:

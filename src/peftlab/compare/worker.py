@@ -27,6 +27,7 @@ from peftlab.artifacts import ADAPTER_DIR
 from peftlab.compare.measure import TrainingDiverged, divergence, folder_bytes, measure_inference
 from peftlab.compare.rows import METRIC_KEYS, empty_row, method_facts
 from peftlab.errors import PeftlabError
+from peftlab.quiet import quiet_libraries
 from peftlab.report import write_json_file
 
 RESULT_FILE = "result.json"
@@ -118,23 +119,6 @@ def die_with_parent() -> None:
         return
     if str(os.getppid()) != expected:
         sys.exit(143)
-
-
-def quiet_libraries() -> None:
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    try:
-        import datasets
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def describe_error(error: BaseException) -> str:
