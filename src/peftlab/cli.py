@@ -16,6 +16,7 @@ from typing import Any
 
 from peftlab import __version__
 from peftlab.errors import PeftlabError
+from peftlab.quiet import quiet_libraries
 
 # Flags that read better than their field names.
 _FLAG_NAMES = {"lr": "--lr", "output": "--output"}
@@ -119,21 +120,6 @@ def _collect(args: argparse.Namespace, parser_defaults: set[str]) -> dict[str, A
     return options
 
 
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
-    try:
-        import datasets
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
-
-
 # ---- commands -------------------------------------------------------------------------------------
 
 def cmd_train(args, extra):
@@ -141,6 +127,11 @@ def cmd_train(args, extra):
 
     options = _collect(args, extra)
     nproc = getattr(args, "nproc", None)
+    if getattr(args, "dry_run", False):
+        from peftlab.dryrun import dry_run
+
+        print(dry_run(config_from_options(options), world_size=1 if nproc is None else nproc).render(), flush=True)
+        return 0
     if nproc is not None and nproc != 1 and "LOCAL_RANK" not in os.environ:
         from peftlab.distributed import relaunch
 
@@ -231,7 +222,7 @@ def cmd_export(args, extra):
 
 
 def cmd_serve(args, extra):
-    from peftlab.serve import serve
+    from peftlab.serving import serve  # checks the options (and that FastAPI is installed) before heavy imports
 
     adapters = {}
     for spec in args.adapter or []:
@@ -251,7 +242,7 @@ def cmd_recommend(args, extra):
     ranking = recommend(model=args.model, task_type=args.task_type, memory=args.memory, tasks=args.tasks,
                         latency_critical=args.latency_critical, few_shot=args.few_shot,
                         batch_size=args.batch_size, max_length=args.max_length,
-                        domain_specific=args.domain_specific, device=args.device)
+                        domain_specific=args.domain_specific, device=args.device, task=args.task)
     if args.json:
         print(json.dumps(ranking, indent=2))
     else:
@@ -279,8 +270,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, set[str]]]:
     sub = commands.add_parser("train", help="train one method on one task")
     _add_train_flags(sub)
     sub.add_argument("--nproc", type=int, default=None, help="data-parallel processes on this machine (DDP)")
+    sub.add_argument("--dry-run", action="store_true",
+                     help="check the recipe without weights or a GPU: the method applies, trainable parameters, "
+                          "memory per device, steps and tokens, the data's columns (--model may be a folder "
+                          "holding only a config.json)")
     sub.set_defaults(handler=cmd_train)
-    structural["train"] = {"command", "handler", "config", "nproc"}
+    structural["train"] = {"command", "handler", "config", "nproc", "dry_run"}
 
     sub = commands.add_parser("eval", help="score a trained adapter on its task's dev set")
     sub.add_argument("--adapter", required=True, help="a train --output folder or a peft adapter folder")
@@ -310,8 +305,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, set[str]]]:
     sub.set_defaults(handler=cmd_predict)
 
     sub = commands.add_parser("methods", help="the methods, their categories and cost on a model")
-    sub.add_argument("--model", default=None, help="count trainable parameters on this model")
-    sub.add_argument("--task", default=None, help="task to size the head for (default sst2 / alpaca by model)")
+    sub.add_argument("--model", default=None, help="count trainable parameters on this model (a folder with only a "
+                                                    "config.json is counted on the meta device, without weights)")
+    sub.add_argument("--task", default=None,
+                     help="task to size the head for (default by model: sst2, alpaca for decoders, billsum for "
+                          "encoder-decoders)")
     sub.add_argument("--json", action="store_true")
     sub.set_defaults(handler=cmd_methods)
 
@@ -394,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         parser, structural = build_parser()
         args = parser.parse_args(argv)
         args.argv = argv
-        _quiet_libraries()
+        quiet_libraries()
         return int(args.handler(args, structural.get(args.command, {"command", "handler"}) | {"argv"}) or 0)
     except PeftlabError as error:
         print(f"peftlab: error: {error}", file=sys.stderr)
