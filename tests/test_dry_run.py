@@ -65,8 +65,9 @@ EXPECTED_TRAINABLE = {
     "1.3-alpaca-deepspeed": 22 * lora_params(16, TINYLLAMA_LINEARS),
     # prefix tuning with the reparameterisation MLP: 20 x 768 embedding, 768 -> 512 -> 2 x 12 layers x 768
     "04-prefix-tuning": 20 * 768 + (768 * 512 + 512) + (512 * 2 * 12 * 768 + 2 * 12 * 768),
-    # prompt tuning: 20 virtual tokens x d_model 512 (T5's encoder input)
-    "03-prompt-tuning": 20 * 512,
+    # prompt tuning: 20 virtual tokens x d_model 512, for each of an encoder-decoder's two transformer
+    # stacks (peft's num_transformer_submodules = 2 for SEQ_2_SEQ_LM)
+    "03-prompt-tuning": 2 * 20 * 512,
     # (IA)3 on GPT-2: a 2304-wide vector on c_attn (keys/values) and a 3072-wide one on mlp.c_proj, 12 layers
     "05-ia3": 12 * (2304 + 3072),
 }
