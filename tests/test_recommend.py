@@ -5,6 +5,7 @@ import json
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -117,6 +118,69 @@ def test_cli_prints_json(capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["ranking"][0]["rank"] == 1
     assert main(["recommend", "--model", "minilm", "--task-type", "classification", "--memory", "lots"]) == 2
+
+
+# ---- the ranking as the selection guide recorded it, the task name, the hardware ----------------------
+
+RECORDED = Path(__file__).parent / "data" / "recommend_rankings.json"
+RANKED_FIELDS = ("status", "score", "fits", "trainable_params", "memory_needed_gb", "gradient_checkpointing",
+                 "per_task_mb", "reason")
+
+
+@pytest.mark.parametrize("situation", json.loads(RECORDED.read_text()),
+                         ids=lambda s: f"{s['model']}-{s['task_type']}-{len(s['options'])}")
+def test_rankings_match_the_recorded_guide(situation):
+    """Fourteen situations as recommend ranked them when the guide was one table in recommend.py (commit
+    a169fbf): the ten methods' order, points, reasons and memory are unchanged now that each method holds its
+    own rows. Methods registered since are left out of the comparison (they only add rows)."""
+    result = recommend(model=situation["model"], task_type=situation["task_type"], **situation["options"])
+    recorded = situation["ranking"]
+    names = {row["method"] for row in recorded}
+    rows = [row for row in result["ranking"] if row["method"] in names]
+    assert result["kind"] == situation["kind"] and result["model_params"] == situation["model_params"]
+    assert [row["method"] for row in rows] == [row["method"] for row in recorded]
+    for now, then in zip(rows, recorded):
+        assert {field: now[field] for field in RANKED_FIELDS} == {field: then[field] for field in RANKED_FIELDS}
+
+
+def test_a_task_name_decides_the_task_type():
+    by_type = recommend(model="minilm", task_type="classification", memory="16GB", device="cuda")
+    by_task = recommend(model="minilm", task="rte", memory="16GB", device="cuda")
+    assert (by_task["task"], by_task["task_type"], by_task["kind"]) == ("rte", "classification", "seq-cls")
+    assert [(r["method"], r["reason"]) for r in by_task["ranking"]] == [(r["method"], r["reason"]) for r in by_type["ranking"]]
+    ner = recommend(model="minilm", task="conll2003", memory="16GB", device="cuda")
+    assert (ner["task_type"], ner["kind"]) == ("ner", "token-cls")
+    assert any("from task 'conll2003'" in line for line in ner["assumptions"])
+    with pytest.raises(PeftlabError, match="--task conll2003 is a token-cls task"):
+        recommend(model="minilm", task="conll2003", task_type="classification")
+    with pytest.raises(PeftlabError, match="--task NAME"):
+        recommend(model="minilm")
+
+
+def test_defaults_follow_this_machines_hardware():
+    """Without --device/--memory the plan is for this machine: its device and that device's memory."""
+    import psutil
+
+    from peftlab import hardware
+
+    result = recommend(model="minilm", task_type="classification")
+    assert result["device"] == hardware.device_type() and result["device_source"] == "detected"
+    assert result["memory_source"] == "detected"
+    if result["device"] == "cpu":
+        assert result["memory_budget_gb"] == round(psutil.virtual_memory().total / 2**30, 2)
+        assert "this machine's RAM" in result["assumptions"][0]
+    given = recommend(model="minilm", task_type="classification", memory="16GB", device="cuda")
+    assert (given["device"], given["memory_budget_gb"], given["device_source"], given["memory_source"]) == \
+        ("cuda", 16.0, "given", "given")
+
+
+def test_cli_takes_a_task_name(capsys):
+    from peftlab.cli import main
+
+    assert main(["recommend", "--model", "minilm", "--task", "sst2", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["task"], printed["task_type"], printed["device_source"]) == ("sst2", "classification", "detected")
+    assert "detected" in printed["assumptions"][0]
 
 
 # ---- the memory estimate -------------------------------------------------------------------------------

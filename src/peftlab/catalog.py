@@ -1,10 +1,13 @@
 """``peftlab methods``: every method in one table, and what it costs on a given model.
 
 Without a model the table is the registry's own description (category, mergeable, extra inference
-cost, summary, default learning rate). With ``--model`` each method is applied to a freshly loaded
-copy of that model (with the task's head) and its trainable parameters are counted, so the numbers
-are what ``peftlab train`` would train, not a formula. A method that cannot run on the model or task
-gets its reason (``check_supported``'s message) instead of numbers.
+cost, summary, default learning rate). With ``--model`` each method is applied to a fresh copy of that
+model (with the task's head) and its trainable parameters are counted, so the numbers are what
+``peftlab train`` would train, not a formula. A local folder with weights is loaded as training loads
+it; a folder holding only a ``config.json``, a Hub id or a built-in name (``meta-llama/Llama-2-7b-hf``) is
+built from its config on PyTorch's ``meta`` device (shapes, no weights: a 7B model counts in seconds;
+``peftlab.memory.footprints``). A method that cannot run on the model or task gets its reason
+(``check_supported``'s message) instead of numbers.
 
 The support check is shared with ``peftlab compare``, which runs it before training anything.
 """
@@ -15,6 +18,10 @@ import copy
 from typing import Any
 
 from peftlab.errors import PeftlabError
+from peftlab.kinds import TaskKind
+
+# Files that hold a model's weights (safetensors, PyTorch, GGUF, TensorFlow, Flax); their index files too.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 
 
 def describe(name: str) -> dict[str, Any]:
@@ -44,24 +51,34 @@ def unsupported_reason(method, model, kind: str) -> str | None:
 
 
 def default_task_for(model: str) -> str:
-    """sst2 for encoders, alpaca for decoder-only language models (what the model's config says)."""
+    """sst2 for encoders, alpaca for decoder-only language models, billsum for encoder-decoders (from the config)."""
+    from peftlab.memory import architecture, load_config
+
     try:
-        import transformers
-
-        from peftlab.models import resolve_model
-
-        config = transformers.AutoConfig.from_pretrained(resolve_model(model))
+        config, _ = load_config(model)
     except (OSError, ValueError, PeftlabError):
         return "sst2"
-    architectures = " ".join(getattr(config, "architectures", None) or [])
-    if "CausalLM" in architectures or "LMHeadModel" in architectures:
-        return "alpaca"
-    return "sst2"
+    return {"decoder": "alpaca", "encoder-decoder": "billsum"}.get(architecture(config), "sst2")
+
+
+def has_local_weights(model: str) -> bool:
+    """Whether ``model`` is a bundled alias or a local folder with weight files (not a config alone, not a Hub id)."""
+    from pathlib import Path
+
+    from peftlab.models import BUNDLED, resolve_model
+
+    if model in BUNDLED:
+        return True
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return path.exists()  # a Hub id or built-in name is counted from its config
+    resolve_model(model)  # a folder without config.json: one sentence saying so
+    return any(file.name.endswith(WEIGHT_SUFFIXES) for file in path.iterdir())
 
 
 def task_labels(task) -> list[str] | None:
     """The label set a classification head is sized from (a binary stand-in for user files)."""
-    if task.kind not in ("seq-cls", "token-cls") or task.is_regression:
+    if not TaskKind(task.kind).is_classification or task.is_regression:
         return None
     return task.label_names or ["0", "1"]
 
@@ -83,19 +100,48 @@ def methods_table(model: str | None = None, task: str | None = None) -> list[dic
                 row["reason"] = None if supported else f"does not support {kind} tasks"
         return rows
 
-    import torch
-
-    from peftlab.methods.base import count_parameters
-    from peftlab.models import load_model
     from peftlab.tasks import get_task
 
     task_object = get_task(task or default_task_for(model))
     kind = task_object.kind
     labels = task_labels(task_object)
-    pristine = None  # one plain load, deep-copied per method (a fresh, untouched model each time)
     for row in rows:
         row.update(model=model, task=task_object.name, kind=kind, status="ok", reason=None,
                    trainable_params=None, total_params=None, trainable_fraction=None)
+    if has_local_weights(model):
+        count_on_loaded_model(rows, model, task_object, labels)
+    else:
+        count_on_meta_model(rows, model, kind, 1 if task_object.is_regression else len(labels or [0, 1]))
+    return rows
+
+
+def count_on_meta_model(rows: list[dict[str, Any]], model: str, kind: str, num_labels: int) -> None:
+    """Fill the rows from the model's config alone: each method applied on the ``meta`` device."""
+    from peftlab.memory import footprints
+
+    counted = footprints(model, kind, num_labels)
+    for row in rows:
+        row["counted_on"] = "config (meta device)"
+        footprint = counted[row["method"]]
+        if not footprint.supported:
+            row.update(status="unsupported", reason=footprint.reason)
+            continue
+        row.update(trainable_params=footprint.trainable, total_params=footprint.total,
+                   trainable_fraction=footprint.trainable / footprint.total)
+
+
+def count_on_loaded_model(rows: list[dict[str, Any]], model: str, task_object, labels: list[str] | None) -> None:
+    """Fill the rows on the real model: one plain load, deep-copied per method (QLoRA loads its own 4-bit base)."""
+    import torch
+
+    from peftlab.methods import get_method
+    from peftlab.modelinfo import count_parameters
+    from peftlab.models import load_model
+
+    kind = task_object.kind
+    pristine = None  # one plain load, deep-copied per method (a fresh, untouched model each time)
+    for row in rows:
+        row["counted_on"] = "weights"
         method = get_method(row["method"])
         try:
             load_kwargs = method.model_load_kwargs()
@@ -121,7 +167,6 @@ def methods_table(model: str | None = None, task: str | None = None) -> list[dic
         finally:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    return rows
 
 
 def render_methods(rows: list[dict[str, Any]], *, model: str | None = None, task: str | None = None) -> None:
@@ -133,6 +178,8 @@ def render_methods(rows: list[dict[str, Any]], *, model: str | None = None, task
     title = "peftlab methods"
     if counted:
         title += f" on {rows[0].get('model', model)} ({rows[0].get('task', task)}, {rows[0].get('kind')})"
+        if rows[0].get("counted_on", "weights") != "weights":
+            title += ", counted from its config.json on the meta device (no weights loaded)"
     table = Table(title=title, title_justify="left", show_lines=counted)
     # names and numbers never wrap; the prose columns (cost, summary, reasons) take what width is left
     table.add_column("method", style="bold", no_wrap=True)

@@ -1,6 +1,7 @@
-"""``peftlab recommend``: rank the ten methods for a model, a task and a memory budget.
+"""``peftlab recommend``: rank the registered methods for a model, a task and a memory budget.
 
-Each method gets points from the selection guide (docs/recommend.md), then the situation moves them:
+Each method gets the points of its own row of the selection guide (``Method.guide_row``; the rows and their
+sources are in docs/recommend.md), then the situation moves them:
 
 * **task type**: classification favours bottleneck adapters, sequence labelling and extractive QA
   adapters and P-Tuning v2, generation and seq2seq LoRA/QLoRA (and prefix tuning, made for generation);
@@ -17,7 +18,10 @@ Each method gets points from the selection guide (docs/recommend.md), then the s
   checkpointing would make it fit (then it is kept, with that advice).
 
 Methods the model or task cannot run (BitFit on Llama, prompt tuning on token classification) are
-listed last with the reason.
+listed last with the reason. The task is a task type (``--task-type``) or a registered task (``--task
+sst2``: its kind decides the type). Unless ``--device``/``--memory`` say otherwise, the plan is for this
+machine: its device and that device's memory (a GPU's memory, or the RAM on a CPU-only machine); the
+output says which it assumed.
 """
 
 from __future__ import annotations
@@ -27,86 +31,23 @@ import re
 from typing import Any
 
 from peftlab.errors import PeftlabError
+from peftlab.kinds import TaskKind
+from peftlab.memory.estimate import DEVICES
+from peftlab.methods.base import GUIDE_TASK_TYPES, GuideSituation
 
-TASK_TYPES = ("classification", "ner", "qa", "generation", "seq2seq")
-VERY_LARGE = 3e9  # parameters: T-Few's (IA)3 results are on 3B and 11B models
-HUGE = 1e10  # Lester et al.: prompt tuning matches fine-tuning from ~10B parameters
-SMALL = 1e9
+# The selection guide's rows live with each method (``Method.guide_row``, ``few_shot_guide``, ``guide_adjustments``).
+TASK_TYPES = GUIDE_TASK_TYPES
 TIGHT = 0.85  # above this share of the budget, allocator fragmentation may still push it over
+# Assumed when the plan is for a CUDA GPU that this machine does not have and no --memory is given.
+ASSUMED_GPU_MEMORY = "16GB"
 
-# The selection guide: points and the one-line reason, per task type and method.
-GUIDE: dict[str, dict[str, tuple[float, str]]] = {
-    "classification": {
-        "adapter": (3.0, "classification favours adapters: within ~0.4% of full fine-tuning on GLUE with ~3% of "
-                         "the parameters (Houlsby et al. 2019)"),
-        "lora": (2.5, "matches full fine-tuning on GLUE classification (Hu et al. 2021)"),
-        "bitfit": (2.0, "bias-only training is competitive on small and medium classification sets "
-                        "(Ben Zaken et al. 2022)"),
-        "p-tuning-v2": (2.0, "deep prompts match fine-tuning on classification across model sizes (Liu et al. 2022)"),
-        "full": (2.0, "the accuracy reference, at full cost"),
-        "ia3": (1.5, "a few rescaling vectors; strongest on large models (Liu et al. 2022)"),
-        "qlora": (1.0, "LoRA on a 4-bit base: for bases too big to train in 16/32 bits"),
-        "prefix-tuning": (1.0, "made for generation; below deep prompts on classification"),
-        "p-tuning": (1.0, "input-level prompts lag fine-tuning on small and medium models (Liu et al. 2022)"),
-        "prompt-tuning": (0.5, "input prompts alone lag fine-tuning on classification"),
-    },
-    "ner": {
-        "adapter": (3.0, "adapters hold up on sequence labelling, close to full fine-tuning"),
-        "p-tuning-v2": (2.5, "deep prompts were designed to handle sequence labelling (Liu et al. 2022)"),
-        "lora": (2.5, "low-rank updates in every layer; strong on token classification"),
-        "full": (2.0, "the accuracy reference, at full cost"),
-        "bitfit": (1.5, "bias-only training trails on token-level tasks"),
-        "ia3": (1.0, "a few rescaling vectors; weaker on token-level tasks on small models"),
-        "prefix-tuning": (1.0, "made for generation; P-Tuning v2 is its sequence-labelling form"),
-        "qlora": (1.0, "LoRA on a 4-bit base: for bases too big to train in 16/32 bits"),
-        "prompt-tuning": (0.0, "prepends tokens, so outputs no longer line up with the labels"),
-        "p-tuning": (0.0, "prepends tokens, so outputs no longer line up with the labels"),
-    },
-    "qa": {
-        "adapter": (3.0, "adapters reach full fine-tuning on extractive QA (SQuAD, Houlsby et al. 2019)"),
-        "lora": (2.5, "low-rank updates in every layer; strong on span extraction"),
-        "p-tuning-v2": (2.5, "deep prompts match fine-tuning on SQuAD-style QA (Liu et al. 2022)"),
-        "full": (2.0, "the accuracy reference, at full cost"),
-        "bitfit": (1.5, "bias-only training trails on span extraction"),
-        "ia3": (1.0, "a few rescaling vectors; weaker on token-level tasks on small models"),
-        "prefix-tuning": (1.0, "made for generation; P-Tuning v2 is its token-level form"),
-        "qlora": (1.0, "LoRA on a 4-bit base: for bases too big to train in 16/32 bits"),
-        "prompt-tuning": (0.0, "prepends tokens, so answer positions shift"),
-        "p-tuning": (0.0, "prepends tokens, so answer positions shift"),
-    },
-    "generation": {
-        "lora": (3.0, "generation favours LoRA: the standard for instruction and generative tuning (Hu et al. 2021)"),
-        "qlora": (2.5, "LoRA quality on a 4-bit base at a fraction of the memory (Dettmers et al. 2023)"),
-        "prefix-tuning": (2.0, "made for generation: table-to-text and summarisation (Li & Liang 2021)"),
-        "full": (2.0, "the quality reference, at full cost"),
-        "ia3": (1.5, "a few rescaling vectors; best on large models (Liu et al. 2022)"),
-        "adapter": (1.5, "works, but adds sequential latency to every generated token"),
-        "p-tuning-v2": (1.5, "deep prompts; less studied for open-ended generation"),
-        "prompt-tuning": (1.0, "input prompts only; weak below ~10B parameters (Lester et al. 2021)"),
-        "p-tuning": (1.0, "input prompts from an encoder; weak for open-ended generation"),
-        "bitfit": (0.5, "biases alone move generation little"),
-    },
-    "seq2seq": {
-        "lora": (3.0, "LoRA is the default for encoder-decoder and seq2seq tuning (Hu et al. 2021)"),
-        "qlora": (2.5, "LoRA quality on a 4-bit base at a fraction of the memory (Dettmers et al. 2023)"),
-        "prefix-tuning": (2.5, "made for conditional generation: summarisation on BART (Li & Liang 2021)"),
-        "ia3": (2.0, "(IA)3 was built on the T0 encoder-decoder (Liu et al. 2022)"),
-        "full": (2.0, "the quality reference, at full cost"),
-        "adapter": (1.5, "works, but adds sequential latency to every generated token"),
-        "prompt-tuning": (1.5, "prompt tuning was introduced on T5 and scales with it (Lester et al. 2021)"),
-        "p-tuning-v2": (1.5, "deep prompts; less studied for seq2seq"),
-        "p-tuning": (1.0, "input prompts from an encoder; weak for seq2seq"),
-        "bitfit": (0.5, "biases alone move generation little"),
-    },
-}
-
-FEW_SHOT = {
-    "prompt-tuning": (2.5, "few-shot favours prompt methods: few trainable values, hard to overfit"),
-    "prefix-tuning": (2.0, "few-shot favours prefix methods (Li & Liang: best in low-data settings)"),
-    "p-tuning": (2.0, "few-shot favours prompt methods (P-Tuning was built for few-shot)"),
-    "p-tuning-v2": (2.0, "few-shot favours prompt methods: few trainable values"),
-    "ia3": (1.0, "(IA)3 was designed for few-shot learning (T-Few)"),
-    "full": (-1.5, "full fine-tuning overfits a few dozen examples"),
+# A registered task's kind -> the selection guide's task type (``peftlab recommend --task NAME``).
+TASK_TYPE_OF_KIND = {
+    TaskKind.SEQ_CLS: "classification",
+    TaskKind.TOKEN_CLS: "ner",
+    TaskKind.QA: "qa",
+    TaskKind.CAUSAL_LM: "generation",
+    TaskKind.SEQ2SEQ: "seq2seq",
 }
 
 
@@ -132,21 +73,21 @@ def parse_memory(text: str | int | float) -> int:
     return size
 
 
-def task_kind(task_type: str, architecture: str, model: str) -> tuple[str, str | None]:
+def task_kind(task_type: str, architecture: str, model: str) -> tuple[TaskKind, str | None]:
     """The peftlab task kind a task type runs as on this architecture, and a note when it is not obvious."""
     if task_type not in TASK_TYPES:
         raise PeftlabError(f"Unknown task type '{task_type}'. Use one of: {', '.join(TASK_TYPES)}.")
     if task_type == "classification":
-        return "seq-cls", None
+        return TaskKind.SEQ_CLS, None
     if task_type == "ner":
         if architecture == "encoder-decoder":
-            return "seq2seq", "NER on an encoder-decoder runs as text-to-text (tags generated as text)."
-        return "token-cls", None
+            return TaskKind.SEQ2SEQ, "NER on an encoder-decoder runs as text-to-text (tags generated as text)."
+        return TaskKind.TOKEN_CLS, None
     if task_type == "qa":
         if architecture == "encoder":
-            return "token-cls", ("Extractive QA: a start/end span head on every token, estimated as token "
-                                 "classification (the methods that prepend tokens cannot run it).")
-        kind = "seq2seq" if architecture == "encoder-decoder" else "causal-lm"
+            return TaskKind.TOKEN_CLS, ("Extractive QA: a start/end span head on every token, estimated as token "
+                                        "classification (the methods that prepend tokens cannot run it).")
+        kind = TaskKind.SEQ2SEQ if architecture == "encoder-decoder" else TaskKind.CAUSAL_LM
         return kind, "QA on a generative model runs as generative QA (the answer is generated)."
     if architecture == "encoder":
         raise PeftlabError(
@@ -154,38 +95,114 @@ def task_kind(task_type: str, architecture: str, model: str) -> tuple[str, str |
             "Use a decoder (smollm2, gpt2, meta-llama/Llama-2-7b-hf) or an encoder-decoder (t5-small), or "
             "--task-type classification / ner / qa.")
     if task_type == "seq2seq" and architecture == "decoder":
-        return "causal-lm", "seq2seq on a decoder-only model: input and output in one sequence (causal LM)."
+        return TaskKind.CAUSAL_LM, "seq2seq on a decoder-only model: input and output in one sequence (causal LM)."
     if task_type == "generation" and architecture == "encoder-decoder":
-        return "seq2seq", None
-    return ("seq2seq" if task_type == "seq2seq" else "causal-lm"), None
+        return TaskKind.SEQ2SEQ, None
+    return (TaskKind.SEQ2SEQ if task_type == "seq2seq" else TaskKind.CAUSAL_LM), None
+
+
+def guide_task_type(task_type: str, kind: TaskKind) -> str:
+    """The guide rows that apply: QA or NER run generatively (decoders, encoder-decoders) follow the generative ones."""
+    if kind.is_generative and task_type in ("qa", "ner"):
+        return "seq2seq" if kind is TaskKind.SEQ2SEQ else "generation"
+    return task_type
+
+
+def resolve_task(task: str | None, task_type: str | None) -> tuple[str, Any]:
+    """(task type, the registered task or None) from ``--task NAME`` and/or ``--task-type``."""
+    if task is None:
+        if task_type is None:
+            raise PeftlabError("Say what the task is: --task NAME (a registered task such as sst2, conll2003, "
+                               f"alpaca) or --task-type ({', '.join(TASK_TYPES)}).")
+        return task_type, None
+    from peftlab.tasks import get_task
+
+    task_object = get_task(task)
+    implied = TASK_TYPE_OF_KIND[TaskKind(task_object.kind)]
+    if task_type is not None and task_type != implied:
+        raise PeftlabError(f"--task {task} is a {task_object.kind} task (task type {implied}), but --task-type says "
+                           f"{task_type}: give one of the two.")
+    return implied, task_object
+
+
+def hardware_plan(device: str | None, memory: str | int | float | None) -> dict[str, Any]:
+    """The device and memory budget to plan for: what was given, else what this machine has (``peftlab.hardware``).
+
+    Returns device, budget (bytes) and one sentence saying where each came from."""
+    from peftlab import hardware
+
+    here = hardware.device_type()
+    device_given = device is not None
+    device = device or here
+    if device not in DEVICES:
+        raise PeftlabError(f"Unknown device '{device}'. Use one of: {', '.join(DEVICES)}.")
+    where = "given" if device_given else ("detected: a CUDA GPU" if here == "cuda" else "detected: no CUDA GPU here")
+    if memory is not None:
+        budget, source = parse_memory(memory), "given"
+    elif device == here:
+        budget = device_memory_bytes(device)
+        source = "detected: this machine's " + ("GPU memory" if device == "cuda" else "RAM")
+    else:  # planning for a GPU this machine does not have
+        budget, source = parse_memory(ASSUMED_GPU_MEMORY), "assumed (no CUDA GPU here to measure): pass --memory"
+    what = "GPU memory" if device == "cuda" else "CPU RAM"
+    sentence = (f"planned for {device} ({where}) with {_gb(budget)} of {what} ({source}); "
+                "--device and --memory plan for another machine")
+    return {"device": device, "budget": budget, "device_source": "given" if device_given else "detected",
+            "memory_source": source.split(":")[0].split(" (")[0], "sentence": sentence}
+
+
+def device_memory_bytes(device: str) -> int:
+    """Total memory of this machine's ``device``: the first GPU's memory, or the RAM."""
+    from peftlab import hardware
+
+    # proposed for peftlab.hardware (its owner): hardware.device_memory_bytes(device)
+    reported = getattr(hardware, "device_memory_bytes", None)
+    if reported is not None:
+        return int(reported(device))
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    import psutil
+
+    return int(psutil.virtual_memory().total)
 
 
 # ---- the ranking ---------------------------------------------------------------------------------------
 
-def recommend(model: str, task_type: str, memory: str | int | float = "16GB", tasks: int = 1,
+def recommend(model: str, task_type: str | None = None, memory: str | int | float | None = None, tasks: int = 1,
               latency_critical: bool = False, few_shot: bool = False, batch_size: int = 8,
-              max_length: int = 512, domain_specific: bool = False, device: str = "cuda") -> dict[str, Any]:
-    """The ten methods ranked for this situation, best first, each with a one-line reason (JSON-able)."""
+              max_length: int = 512, domain_specific: bool = False, device: str | None = None,
+              task: str | None = None) -> dict[str, Any]:
+    """The registered methods ranked for this situation, best first, each with a one-line reason (JSON-able).
+
+    ``task`` (a registered task name) decides the task type from its kind; ``memory`` and ``device`` default
+    to this machine's device and its memory (:func:`hardware_plan`)."""
     from peftlab import memory as memory_model
     from peftlab.methods import get_method, method_names
 
-    budget = parse_memory(memory)
+    if memory is not None:
+        parse_memory(memory)  # a bad size is the first thing to report
     if int(tasks) < 1:
         raise PeftlabError(f"--tasks must be at least 1; got {tasks}.")
     if int(batch_size) < 1:
         raise PeftlabError(f"--batch-size must be at least 1; got {batch_size}.")
     if int(max_length) < 8:
         raise PeftlabError(f"--max-length must be at least 8; got {max_length}.")
-    if device not in memory_model.DEVICES:
-        raise PeftlabError(f"Unknown device '{device}'. Use one of: {', '.join(memory_model.DEVICES)}.")
+    task_type, task_object = resolve_task(task, task_type)
+    plan = hardware_plan(device, memory)
+    device, budget = plan["device"], plan["budget"]
     spec = memory_model.model_spec(model)
     kind, kind_note = task_kind(task_type, spec.architecture, model)
-    num_labels = 9 if task_type == "ner" and kind == "token-cls" else 2  # CoNLL-2003's 9 tags; span start/end
-    # QA or NER run generatively (decoders, encoder-decoders) follow the generative guide
-    guide = GUIDE[task_type if kind not in ("causal-lm", "seq2seq") or task_type not in ("qa", "ner")
-                  else ("generation" if kind == "causal-lm" else "seq2seq")]
+    num_labels = 9 if task_type == "ner" and kind is TaskKind.TOKEN_CLS else 2  # CoNLL-2003's 9 tags; span start/end
+    if task_object is not None and kind.is_classification and task_object.is_regression:
+        num_labels = 1
+    elif task_object is not None and kind.is_classification and task_object.label_names:
+        num_labels = len(task_object.label_names)
+    guide_type = guide_task_type(task_type, kind)
     footprints = memory_model.footprints(model, kind, num_labels)
     base_params = next(iter(footprints.values())).base_total
+    situation = GuideSituation(base_params=base_params, domain_specific=bool(domain_specific))
     runtime = memory_model.CUDA_RUNTIME_BYTES if device == "cuda" else memory_model.CPU_RUNTIME_BYTES
 
     rows = []
@@ -199,7 +216,7 @@ def recommend(model: str, task_type: str, memory: str | int | float = "16GB", ta
             "training_memory_gb": None, "memory_needed_gb": None, "gradient_checkpointing": None,
             "memory_breakdown_mb": None, "per_task_mb": None, "storage_for_tasks_mb": None,
         }
-        points, guide_reason = guide[name]
+        points, guide_reason = method.guide_row(guide_type)
         reasons = [guide_reason]
         if not footprint.supported:
             row.update(status="unsupported", score=None, reason=_one_line(footprint.reason), _key=(2, 0, 0, order))
@@ -230,33 +247,15 @@ def recommend(model: str, task_type: str, memory: str | int | float = "16GB", ta
             points -= 0.25
             reasons.append(f"tight: ~{_gb(needed)} of {_gb(budget)}")
 
-        # model size
-        if base_params >= VERY_LARGE and name == "ia3":
-            points += 2.0
-            reasons.append("very large model: (IA)3's few vectors shine at billions of parameters (T-Few, 3B-11B)")
-        if name == "prompt-tuning":
-            if base_params >= HUGE:
-                points += 2.0
-                reasons.append("at ~10B+ parameters prompt tuning matches fine-tuning (Lester et al. 2021)")
-            elif base_params < SMALL:
-                points -= 1.0
-                if "10B" not in guide_reason:
-                    reasons.append("prompt tuning only catches up with fine-tuning at ~10B parameters (Lester et al. 2021)")
-        if name == "qlora" and base_params < SMALL:
-            points -= 1.0
-            reasons.append("on a model this small a 4-bit base saves little and slows training: use LoRA")
-        if name == "full" and base_params >= VERY_LARGE:
-            points -= 1.0
-            reasons.append("very large model: full fine-tuning is rarely worth its cost")
-
-        # situation
-        if few_shot and name in FEW_SHOT:
-            bonus, why = FEW_SHOT[name]
+        # model size and data (the method's own adjustments), then the situation
+        for bonus, why in method.guide_adjustments(situation):
+            points += bonus
+            if not (bonus < 0 and _states_same_threshold(why, guide_reason)):
+                reasons.append(why)
+        if few_shot and method.few_shot_guide is not None:
+            bonus, why = method.few_shot_guide
             points += bonus
             reasons.append(why)
-        if domain_specific and name == "bitfit":
-            points += 2.0
-            reasons.append("domain-specific data favours BitFit: bias-only updates adapt to a domain from little data")
         if latency_critical:
             if method.mergeable:
                 points += 1.5
@@ -264,12 +263,13 @@ def recommend(model: str, task_type: str, memory: str | int | float = "16GB", ta
             else:
                 points -= 1.0
                 reasons.append(f"not mergeable: {method.inference_cost()}")
-        per_task = 4 * (base_params if name == "full" else footprint.inference_params)
+        whole_model = bool(method.trains_all_weights)
+        per_task = 4 * (base_params if whole_model else footprint.inference_params)
         row["per_task_mb"] = round(per_task / 2**20, 2)
         row["storage_for_tasks_mb"] = round(int(tasks) * per_task / 2**20, 1)
         if int(tasks) > 1:
-            points += _multi_task_points(name, footprint.inference_params / max(base_params, 1), int(tasks), reasons,
-                                         per_task, latency_critical and method.mergeable)
+            points += _multi_task_points(whole_model, footprint.inference_params / max(base_params, 1), int(tasks),
+                                         reasons, per_task, latency_critical and method.mergeable)
         row["score"] = round(points, 2)
         row["reason"] = "; ".join(reasons)
         unfit = 0 if fits else 1
@@ -282,11 +282,15 @@ def recommend(model: str, task_type: str, memory: str | int | float = "16GB", ta
         row["rank"] = rank
         del row["_key"]
     assumptions = [
+        plan["sentence"],
         f"training memory for a {'CUDA GPU' if device == 'cuda' else 'CPU'}: fp32 weights (as peftlab loads them) "
         f"with bf16 autocast, AdamW, batch {batch_size} x {max_length} tokens; + {_gb(runtime)} runtime",
         "QLoRA: 4-bit NF4 base with double quantisation, gradient checkpointing, paged 8-bit AdamW on CUDA",
         "method options at their defaults (docs/methods/defaults.md)",
     ]
+    if task_object is not None:
+        assumptions.insert(1, f"task type {task_type} from task '{task}' ({task_object.kind}), {num_labels} labels"
+                           if kind.is_classification else f"task type {task_type} from task '{task}' ({task_object.kind})")
     if spec.source == "built in":
         assumptions.append(f"architecture of '{model}' from peftlab's built-in table (works offline)")
     return {
@@ -294,10 +298,12 @@ def recommend(model: str, task_type: str, memory: str | int | float = "16GB", ta
         "model_source": spec.source,
         "model_params": base_params,
         "architecture": spec.architecture,
+        "task": task,
         "task_type": task_type,
         "kind": kind,
         "note": kind_note,
         "memory_budget_gb": round(budget / 2**30, 2),
+        "memory_source": plan["memory_source"],
         "tasks": int(tasks),
         "latency_critical": bool(latency_critical),
         "few_shot": bool(few_shot),
@@ -305,15 +311,22 @@ def recommend(model: str, task_type: str, memory: str | int | float = "16GB", ta
         "batch_size": int(batch_size),
         "max_length": int(max_length),
         "device": device,
+        "device_source": plan["device_source"],
         "assumptions": assumptions,
         "ranking": rows,
     }
 
 
-def _multi_task_points(name: str, fraction: float, tasks: int, reasons: list[str], per_task: float,
+def _states_same_threshold(reason: str, guide_reason: str) -> bool:
+    """Whether a penalty's reason repeats a size threshold ("~10B") that the guide row already gives."""
+    thresholds = set(re.findall(r"~\d+(?:\.\d+)?[KMB]\b", reason))
+    return bool(thresholds & set(re.findall(r"~\d+(?:\.\d+)?[KMB]\b", guide_reason)))
+
+
+def _multi_task_points(whole_model: bool, fraction: float, tasks: int, reasons: list[str], per_task: float,
                        merged_for_latency: bool) -> float:
-    """N tasks over one base: small per-task adapters win; full fine-tuning keeps N full copies."""
-    if name == "full":
+    """N tasks over one base: small per-task adapters win; a method that trains every weight keeps N full copies."""
+    if whole_model:
         reasons.append(f"{tasks} tasks = {tasks} full copies ({_size(tasks * per_task)}) to store and serve")
         return -(1.0 + 0.5 * math.log2(tasks))
     shared = f"{tasks} tasks share one base: {tasks} x {_size(per_task)} adapters"
@@ -351,7 +364,9 @@ def render(ranking: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = Console()
-    situation = [f"{ranking['task_type']} ({ranking['kind']})", f"{ranking['memory_budget_gb']:g} GB",
+    what = "GPU" if ranking["device"] == "cuda" else "CPU RAM"
+    task = f"{ranking['task']}: " if ranking.get("task") else ""
+    situation = [f"{task}{ranking['task_type']} ({ranking['kind']})", f"{ranking['memory_budget_gb']:g} GB {what}",
                  f"batch {ranking['batch_size']} x {ranking['max_length']}"]
     if ranking["tasks"] > 1:
         situation.append(f"{ranking['tasks']} tasks")

@@ -142,7 +142,8 @@ def _inspect_applied(model, method, footprint: Footprint, base_parameters: set[i
                 head += count
         if hasattr(module, "lora_A") and hasattr(module, "get_base_layer") and len(module.lora_A):
             lora_inputs += linear_shape(module.get_base_layer())[0]
-            rank_sum += sum(int(m.out_features) for m in module.lora_A.values())
+            # A: a Linear (r x in) for LoRA and DoRA, a bare (r x in) Parameter for AdaLoRA's SVD form
+            rank_sum += sum(int(getattr(a, "out_features", 0) or a.shape[0]) for a in module.lora_A.values())
         if hasattr(module, "ia3_l") and hasattr(module, "is_feedforward") and len(module.ia3_l):
             vector = next(iter(module.ia3_l.values()))
             if module.is_feedforward:
