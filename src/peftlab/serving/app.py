@@ -197,7 +197,7 @@ def create_app(engine: Engine, *, api_keys: list[str] | tuple[str, ...] = (), ad
                 raise ApiError(500, f"Inference failed for adapter '{name}': {type(error).__name__}: "
                                     f"{str(error)[:300]}") from None
             failed = False
-            return {"adapter": name, "outputs": outputs}
+            return dict(adapter=name, outputs=outputs)  # the API's field, not the method of that name
         finally:
             engine.record(name, (time.perf_counter() - started) * 1000.0, len(body.inputs), failed)
 

@@ -134,7 +134,8 @@ class Engine:
                 self.run_control(lambda: self._loader.join(slot, spec, internal, self.model_lock))
                 return entry(slot)
             except JoinFailed as failure:
-                spec.notes.append(f"kept in its own group ({redact(str(failure), {str(spec.adapter_dir): 'adapter'})})")
+                reason = redact(str(failure), {str(spec.adapter_dir): "the adapter folder"})
+                spec.notes.append(f"kept in its own group ({reason})")
         # Mixed batches only where the method says peft can run them, and only for classification heads.
         mixed = facts.mixed_batch and TaskKind(spec.kind).is_classification
         slot = Slot(id=f"{group.lower()}-{spec.kind}-{internal}", key=key, kind=spec.kind, model=probe,
