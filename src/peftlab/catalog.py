@@ -156,7 +156,10 @@ def count_on_loaded_model(rows: list[dict[str, Any]], model: str, task_object, l
             if reason is not None:
                 row.update(status="unsupported", reason=reason)
                 continue
-            applied = method.apply(base, kind)
+            if load_kwargs:
+                applied = method.apply(base, kind)  # on the quantised base, as training builds it
+            else:  # as training would, without a run: a method whose schedule needs the step count gets a stand-in
+                applied, _ = method.apply_for_estimate(base, kind)
             trainable, total = count_parameters(applied)
             row.update(trainable_params=trainable, total_params=total, trainable_fraction=trainable / total)
             del applied, base
