@@ -237,7 +237,7 @@ class _Checker:
 
     def check_base(self, recorded: str, what: str) -> None:
         if self.base_model and recorded and not same_model(recorded, self.base_model, self.base_resolved):
-            raise self.refuse(f"{what} base model '{display_model(recorded)}', not on '{display_model(self.base_model)}'.")
+            raise self.refuse(f"{what} base model '{display_model(recorded)}', not '{display_model(self.base_model)}'.")
 
     def check_model_type(self, saved_type: str | None, what: str) -> None:
         if self.base_model_type and saved_type and saved_type != self.base_model_type:
@@ -287,11 +287,22 @@ class _Checker:
             raise self.refuse(f"{MANIFEST}: {error}") from None
         if not isinstance(manifest.method, str) or not isinstance(manifest.model, str):
             raise self.refuse(f"{MANIFEST} must name its method and model as strings.")
-        from peftlab.methods import method_names
+        from peftlab.methods import get_method, method_names
 
         if manifest.method not in method_names():
             raise self.refuse(f"{MANIFEST} names method '{manifest.method}', which this peftlab does not have "
                               f"(it has {', '.join(method_names())}).")
+        if not isinstance(manifest.method_options, dict):
+            raise self.refuse(f"{MANIFEST}'s method_options must be an object of option names and values.")
+        try:
+            get_method(manifest.method, **manifest.method_options)
+        except PeftlabError as error:
+            raise self.refuse(f"{MANIFEST}: {error}") from None
+        labels = manifest.label_names
+        if labels is not None and not (isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)):
+            raise self.refuse(f"{MANIFEST}'s label_names must be a list of names.")
+        if isinstance(manifest.max_length, bool) or not isinstance(manifest.max_length, int) or manifest.max_length < 1:
+            raise self.refuse(f"{MANIFEST}'s max_length must be a whole number of tokens.")
         self.check_base(manifest.model, "it was trained on")
         return manifest
 
