@@ -68,6 +68,15 @@ EXPECTED_TRAINABLE = {
     # prompt tuning: 20 virtual tokens x d_model 512, for each of an encoder-decoder's two transformer
     # stacks (peft's num_transformer_submodules = 2 for SEQ_2_SEQ_LM)
     "03-prompt-tuning": 2 * 20 * 512,
+    # Houlsby bottleneck adapters (reduction 16: 768 -> 48 -> 768) after attention and FFN of 12 layers
+    "02-adapter": 12 * 2 * (768 * 48 + 48 + 48 * 768 + 768) + BERT_CLASSIFIER,
+    # BitFit: every bias of BERT-base (embedding LayerNorm, 12 x (q k v o, LayerNorm, FFN in/out, LayerNorm),
+    # pooler) plus the classifier
+    "06-bitfit": 768 + 12 * (4 * 768 + 768 + 3072 + 768 + 768) + 768 + BERT_CLASSIFIER,
+    # P-Tuning: 20 x 768 virtual-token embedding and the MLP encoder 768 -> 128 -> 128 -> 768
+    "07-p-tuning": 20 * 768 + (768 * 128 + 128) + (128 * 128 + 128) + (128 * 768 + 768) + BERT_CLASSIFIER,
+    # P-Tuning v2: a key and a value prefix of 20 x 768 in each of 12 layers, no reparameterisation
+    "08-p-tuning-v2": 20 * 2 * 12 * 768 + BERT_CLASSIFIER,
     # (IA)3 on GPT-2: a 2304-wide vector on c_attn (keys/values) and a 3072-wide one on mlp.c_proj, 12 layers
     "05-ia3": 12 * (2304 + 3072),
 }
