@@ -285,6 +285,10 @@ def test_train_takes_a_collator_an_optimizer_and_callbacks_without_patching(tiny
     assert calls["optimizer"] == 1 and calls["optimizer_class"] == "SGD"
     assert calls["steps"] == metrics["steps"] == 5 and calls["collate"] >= 5
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    from peftlab.errors import PeftlabError
+
+    with pytest.raises(PeftlabError, match="prepared from another configuration"):
+        train(tiny_config(tiny_model_dir, data_dir, tmp_path / "other", epochs=2), parts=TrainingParts(prepared=prepared))
 
     named = tiny_config(tiny_model_dir, data_dir, tmp_path / "named")
     seen = {}

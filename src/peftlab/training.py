@@ -237,6 +237,9 @@ def train(config: TrainConfig | None = None, *, parts: TrainingParts | None = No
     if finished is not None:
         return finished  # --resume of a run that had finished: nothing to redo
     precision = hardware.resolve_precision(config.precision)
+    if parts.prepared is not None and parts.prepared.config != config:
+        raise PeftlabError("TrainingParts.prepared was prepared from another configuration than the one given to "
+                           "train(): prepare the same TrainConfig you train with.")
     prepared = parts.prepared or prepare(config)
     built = build_trainer(prepared, precision, parts)
     times = run(built)
