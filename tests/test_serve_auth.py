@@ -456,3 +456,29 @@ def test_a_method_that_cannot_mix_batches_never_shares_a_forward(world, dora_lik
                     assert got["probabilities"]["pos"] == pytest.approx(reference["probabilities"]["pos"], abs=1e-5)
     finally:
         engine.stop()
+
+
+def test_a_quantised_base_method_is_served_on_the_full_precision_base(world, tmp_path):
+    """QLoRA declares quantized_base: its adapter loads through the unquantised method of its peft type, joins
+    the LoRA group and answers as that LoRA adapter does; its note says so."""
+    from peftlab.inference import load_trained, predict
+    from peftlab.methods import get_method_class, method_names
+    from peftlab.serving import build
+    from peftlab.serving.engine import Job
+
+    quantised = next(name for name in method_names() if get_method_class(name).quantized_base)
+    run = save_lora_run(world["base"], tmp_path / "q", seed=5, method=quantised)
+    plain = save_lora_run(world["base"], tmp_path / "p", seed=5)  # the same weights as a plain LoRA run
+    engine = build(str(world["base"]), {"a": str(world["root"] / "good"), "q": str(run)})
+    try:
+        info = {entry["name"]: entry for entry in engine.adapters()}
+        assert info["q"]["group"] == info["a"]["group"] and info["q"]["mixed_batching"]
+        assert any("full-precision" in note for note in info["q"]["notes"])
+        texts = ["a fine film", "dull"]
+        job = Job(entry=engine.entry("q"), op="predict", records=[{"text": t, "text_pair": None} for t in texts],
+                  raw=texts)
+        answer = engine.submit(job).result(timeout=60)
+        for got, reference in zip(answer, predict(load_trained(plain, device="cpu"), texts)):
+            assert got["probabilities"]["pos"] == pytest.approx(reference["probabilities"]["pos"], abs=1e-5)
+    finally:
+        engine.stop()

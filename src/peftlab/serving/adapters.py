@@ -110,7 +110,18 @@ def inspect_adapter(name: str, path: str | os.PathLike, *, base_name: str, base_
     facts = method.serving_facts()
     if facts.note:
         notes.append(facts.note)
-    return AdapterSpec(name=name, checked=checked, facts=facts, method=method, notes=notes)
+    return AdapterSpec(name=name, checked=checked, facts=facts, method=_full_precision(method), notes=notes)
+
+
+def _full_precision(method):
+    """The method that loads this adapter onto the server's full-precision base: itself, or, for a method
+    trained on a quantised base (``quantized_base``), the method that saves the same peft type unquantised."""
+    if not getattr(method, "quantized_base", False) or method.peft_type is None:
+        return method
+    from peftlab.methods import get_method, method_for_peft_type
+
+    name = method_for_peft_type(method.peft_type)
+    return get_method(name) if name else method
 
 
 def locate(requested: Any, *, root: str | os.PathLike | None, allow_hub: bool = False) -> Path:
