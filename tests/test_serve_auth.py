@@ -482,3 +482,34 @@ def test_a_quantised_base_method_is_served_on_the_full_precision_base(world, tmp
             assert got["probabilities"]["pos"] == pytest.approx(reference["probabilities"]["pos"], abs=1e-5)
     finally:
         engine.stop()
+
+
+def test_hub_ids_load_only_with_allow_hub(world, monkeypatch, tmp_path):
+    """With allow_hub an owner/name is fetched (here: a stand-in for huggingface_hub that copies a folder) into
+    plain files and checked like any folder; without it, or when the fetch fails, the one not-found answer."""
+    import huggingface_hub
+
+    from peftlab.serving.adapters import NotFoundOrNotAllowed, locate
+
+    fetched = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, local_dir=None, **_):
+        if repo_id != "someone/good-adapter":
+            raise huggingface_hub.errors.RepositoryNotFoundError("no such repository")
+        fetched.append((repo_id, allow_patterns))
+        shutil.copytree(world["root"] / "good" / "adapter", local_dir, dirs_exist_ok=True)
+        return local_dir
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(NotFoundOrNotAllowed):
+        locate("someone/good-adapter", root=world["root"], allow_hub=False)
+    with pytest.raises(NotFoundOrNotAllowed) as missing:
+        locate("someone/missing", root=None, allow_hub=True)
+    folder = locate("someone/good-adapter", root=None, allow_hub=True)
+    assert fetched == [("someone/good-adapter", ["*.json", "*.safetensors"])]
+    assert str(missing.value) == str(NotFoundOrNotAllowed())
+    from peftlab.adapter_check import check_adapter
+
+    checked = check_adapter(folder, base_model=str(world["base"]))
+    assert checked.peft_type == "LORA" and not checked.from_run

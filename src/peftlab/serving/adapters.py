@@ -144,10 +144,15 @@ def locate(requested: Any, *, root: str | os.PathLike | None, allow_hub: bool = 
 
 
 def _from_hub(repo_id: str) -> Path:
+    """The repository's configs and safetensors as plain files in peftlab's cache (``local_dir``: the Hub cache's
+    symlinks into its blob store would lead out of the folder, which the adapter check refuses)."""
+    from peftlab.models import cache_dir
+
+    target = cache_dir() / "served-adapters" / repo_id.replace("/", "--")
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"], local_dir=str(target)))
     except Exception:  # noqa: BLE001 - missing, private, offline: all the same answer
         raise NotFoundOrNotAllowed() from None
 
