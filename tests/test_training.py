@@ -95,7 +95,7 @@ def test_predict_text_and_jsonl(lora_run, tmp_path):
     result = run_cli(["predict", "--adapter", lora_run, "--text", "an utterly delightful film",
                       "--text", "a boring, pointless mess"])
     lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
-    assert [line["label"] for line in lines] == ["1", "0"]
+    assert [line["label"] for line in lines] == ["positive", "negative"]  # GLUE SST-2 label names (issue 13)
     assert all(0.5 <= line["score"] <= 1 for line in lines)
     inputs = tmp_path / "in.jsonl"
     inputs.write_text('{"text": "wonderful"}\n\n"terrible and dull"\n')
