@@ -152,7 +152,7 @@ def check_adapter(path: str | os.PathLike, *, base_model: str | None = None, bas
     """
     given = Path(os.path.expanduser(str(path)))
     if not given.is_dir():
-        raise AdapterRefused(path, "no such folder.")
+        raise AdapterRefused(path, "the folder does not exist (no such folder).")
     folder = Path(os.path.realpath(given))
     checker = _Checker(path, folder, base_model, base_resolved, base_model_type)
     return checker.check()

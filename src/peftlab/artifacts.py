@@ -80,6 +80,10 @@ def read_run(path: str | os.PathLike) -> tuple[RunManifest, Path]:
         except (json.JSONDecodeError, TypeError) as error:
             raise PeftlabError(f"'{manifest_path}' is not a valid peftlab run manifest ({error}).") from None
         adapter = run_dir / manifest.adapter_dir
+        inside = os.path.realpath(run_dir)
+        if os.path.commonpath([inside, os.path.realpath(adapter)]) != inside:
+            raise PeftlabError(f"'{manifest_path}': adapter_dir '{manifest.adapter_dir}' points outside the run folder; "
+                               "peftlab reads weights only from inside it. The manifest was modified: restore it.")
         if not adapter.is_dir():
             raise PeftlabError(f"'{run_dir}' has no '{manifest.adapter_dir}/' folder: the run did not finish. "
                                "Resume it with `peftlab train ... --resume`.")

@@ -33,7 +33,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from peftlab.artifacts import RunManifest, prepare_output_folder, read_run, write_json
+from peftlab.artifacts import RunManifest, prepare_output_folder, write_json
 from peftlab.errors import PeftlabError
 from peftlab.version import __version__
 from peftlab.kinds import TaskKind
@@ -137,10 +137,10 @@ def export(*, adapter: str | os.PathLike | None = None, model: str | os.PathLike
 
     notes: list[str] = []
     if adapter is not None:
-        from peftlab.inference import load_trained
+        from peftlab.inference import checked_adapter, load_trained
         from peftlab.merge import merged_model
 
-        read_run(adapter)  # a clear message for a wrong folder before loading anything
+        checked_adapter(adapter)  # before loading anything: the same check as eval, predict, merge and serve
         loaded = load_trained(adapter, device="cpu")
         manifest, tokenizer = loaded.manifest, loaded.tokenizer
         method = loaded.method
@@ -153,7 +153,7 @@ def export(*, adapter: str | os.PathLike | None = None, model: str | os.PathLike
             network = loaded.model
             merged = False
             notes.append(f"'{method.name}' is not mergeable: exported unmerged (its extra computation is in the graph).")
-        source_type = "adapter"
+        source_type = "run"
     else:
         network, tokenizer, manifest = _load_model_folder(source)
         merged, source_type = True, "model"

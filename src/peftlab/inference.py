@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peftlab.artifacts import RunManifest, read_run
+from peftlab.artifacts import RunManifest
 from peftlab.errors import PeftlabError
 from peftlab.kinds import TaskKind
 
@@ -32,21 +32,6 @@ class Loaded:
         return self.manifest.label_names
 
 
-def labels_from_weights(adapter_dir: Path) -> list[str] | None:
-    """A plain peft classification adapter records no label names: size them from the saved head."""
-    weights = adapter_dir / "adapter_model.safetensors"
-    if not weights.is_file():
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(weights), framework="pt") as handle:
-        for key in handle.keys():
-            if (key.endswith("weight") and any(h in key for h in ("classifier", "score"))
-                    and "lora" not in key):
-                return [str(i) for i in range(handle.get_slice(key).get_shape()[0])]
-    return None
-
-
 def load_trained(adapter: str | Path, *, device: str | None = None, base_model: str | None = None) -> Loaded:
     """Base model + trained method from a ``peftlab train`` folder or a plain peft adapter folder."""
     import torch
@@ -54,11 +39,12 @@ def load_trained(adapter: str | Path, *, device: str | None = None, base_model: 
     from peftlab.methods import get_method
     from peftlab.models import load_model, load_tokenizer
 
-    manifest, adapter_dir = read_run(adapter)
+    checked = checked_adapter(adapter)
+    manifest, adapter_dir = checked.manifest, checked.adapter_dir
     if base_model:
         manifest.model = base_model
     if TaskKind(manifest.kind).is_classification and manifest.label_names is None and not manifest.is_regression:
-        manifest.label_names = labels_from_weights(adapter_dir)
+        manifest.label_names = checked.label_names
     options = {k: v for k, v in manifest.method_options.items()}
     method = get_method(manifest.method, **options)
     tokenizer = load_tokenizer(manifest.model)
@@ -70,6 +56,19 @@ def load_trained(adapter: str | Path, *, device: str | None = None, base_model: 
         model.to(target)
     model.eval()
     return Loaded(model=model, tokenizer=tokenizer, manifest=manifest, method=method, adapter_dir=adapter_dir)
+
+
+def checked_adapter(adapter: str | Path):
+    """The one adapter check (``peftlab.adapter_check``) that eval, predict, merge, export and serve share:
+    manifest, method, peft type against config and weights, safetensors only and complete, no custom code,
+    ``adapter_dir`` inside the run folder. A merged model is a transformers folder, not an adapter."""
+    from peftlab.adapter_check import check_adapter
+
+    checked = check_adapter(adapter)
+    if checked.merged:
+        raise PeftlabError(f"'{adapter}' is a merged model (a `peftlab merge` output), not an adapter: load it with "
+                           "transformers' from_pretrained, or pass it to `peftlab export --model`.")
+    return checked
 
 
 def task_for_manifest(manifest: RunManifest, task: str | None, task_options: dict | None):

@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from peftlab.artifacts import ADAPTER_DIR, RunManifest, prepare_output_folder, read_run, write_json
+from peftlab.artifacts import ADAPTER_DIR, RunManifest, prepare_output_folder, write_json
 from peftlab.errors import PeftlabError
 from peftlab.version import __version__
 from peftlab.kinds import TaskKind
@@ -226,10 +226,11 @@ def merge(adapter: str | os.PathLike, output: str | os.PathLike, *, samples: int
     import torch
     import transformers
 
-    from peftlab.inference import load_trained
+    from peftlab.inference import checked_adapter, load_trained
     from peftlab.methods import get_method
 
-    manifest, adapter_dir = read_run(adapter)
+    checked = checked_adapter(adapter)  # before any work: the same check as eval, predict, export and serve
+    manifest, adapter_dir = checked.manifest, checked.adapter_dir
     method = get_method(manifest.method, **(manifest.method_options or {}))
     if not method.mergeable:
         raise PeftlabError(not_mergeable_message(method, adapter))
