@@ -129,7 +129,7 @@ def _quiet_rank() -> None:
         pass
 
 
-def _child_dies_with_us() -> None:  # runs in the forked child before exec (subprocess preexec_fn)
+def child_dies_with_us() -> None:  # runs in the forked child before exec (subprocess preexec_fn)
     import signal
 
     _die_with_parent(signal.SIGTERM)  # torchrun forwards SIGTERM to its ranks, then exits
@@ -190,7 +190,7 @@ def relaunch(nproc: int, argv: list[str]) -> int:
         print(f"peftlab: launching {nproc} data-parallel processes ({backend}, OMP_NUM_THREADS="
               f"{env['OMP_NUM_THREADS']}) with torchrun", file=sys.stderr, flush=True)
     process = subprocess.Popen(command, env=env,
-                               preexec_fn=_child_dies_with_us if sys.platform.startswith("linux") else None)
+                               preexec_fn=child_dies_with_us if sys.platform.startswith("linux") else None)
     try:
         return process.wait()
     except KeyboardInterrupt:

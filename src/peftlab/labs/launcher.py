@@ -124,7 +124,7 @@ def launch(options: dict[str, Any], nproc: int = 2, *, echo: bool = True, timeou
         print(f"launching '{label}': {nproc} process(es), OMP_NUM_THREADS={env['OMP_NUM_THREADS']} each\n"
               f"  same as: peftlab train --config {recipe}" + (f" --nproc {nproc}" if nproc > 1 else ""), flush=True)
     # the launcher (and so its ranks) gets SIGTERM when this kernel dies: peftlab.distributed's preexec hook
-    dies_with_us = getattr(distributed, "child_dies_with_us", None)
+    dies_with_us = distributed.child_dies_with_us
     started = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                stdin=subprocess.DEVNULL, cwd=str(Path.cwd()),
