@@ -4,7 +4,9 @@ Cells: tiny BERT seq-cls, tiny BERT token-cls, tiny GPT-2 causal-lm (Conv1D laye
 causal-lm, tiny T5 seq2seq. For every (method, cell) the method either refuses with a one-sentence
 ``PeftlabError`` at ``check_supported``/``apply`` time, or:
 
-1. three AdamW steps (lr 1e-2, no weight decay) change every trainable tensor and no frozen one;
+1. three AdamW steps (lr 1e-2, no weight decay) change every trainable tensor and no frozen one; as in
+   training, ``method.total_steps`` is set before ``apply`` and the method's ``training_callbacks`` run
+   after each optimizer step (AdaLoRA prunes its ranks there, so its reload covers a rank pattern);
 2. the trainable parameter count equals ``method.trainable_parameters_formula(model, kind)``;
 3. after ``save``, a fresh process builds the same-seed base, calls ``method.load`` and reproduces the
    in-process logits within 1e-6 (and the same greedy ``generate()`` tokens);
@@ -383,6 +385,7 @@ def test_every_peft_method_on_real_minilm(tmp_path):
     for name in PEFT_METHODS:
         method = get_method_class(name)()
         load = dict(label_names=["negative", "positive"], **method.model_load_kwargs())
+        method.total_steps = 1  # one step below, set before apply as training does
         model = method.apply(load_model("minilm", "seq-cls", **load), "seq-cls")
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
         model.train()

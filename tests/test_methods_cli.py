@@ -10,7 +10,7 @@ import pytest
 
 PEFTLAB = [sys.executable, "-m", "peftlab.cli"]
 ALL_METHODS = ["lora", "qlora", "adapter", "prompt-tuning", "prefix-tuning", "p-tuning", "p-tuning-v2", "ia3",
-               "bitfit", "full"]
+               "bitfit", "full", "dora", "adalora", "vera", "loha", "lokr", "oft"]
 
 
 def methods_json(*args) -> list[dict]:

@@ -22,7 +22,8 @@ from peftlab.methods.lora import LoRA, LoRAOptions
 @dataclass
 class DoRAOptions(LoRAOptions):
     # Liu et al. 2024 train DoRA at LoRA's settings (same rank, alpha and learning rate as the LoRA runs they
-    # compare with), so the defaults are peftlab's LoRA ones: 2e-3 measured on minilm + SST-2 (defaults.md).
+    # compare with), so the defaults are peftlab's LoRA ones. Measured at 2e-3 on minilm + SST-2 (2,000 examples x 3
+    # epochs, seed 42): 0.820 (docs/methods/defaults.md).
     use_dora: bool = option(True, "Always on for this method (method 'lora' is the same without the magnitude).")
 
 

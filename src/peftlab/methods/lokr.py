@@ -19,6 +19,8 @@ from peftlab.methods.tuner import LayerTuner
 
 @dataclass
 class LoKrOptions(BaseOptions):
+    # Measured 0.771 at 2e-3 on minilm + SST-2 (2,000 examples x 3 epochs, seed 42; docs/methods/defaults.md): above
+    # the majority-class bar (0.659), so not swept.
     learning_rate: float = option(2e-3, "Peak learning rate (peftlab's measured LoRA rate as the first default).")
     r: int = option(8, "Rank of the second Kronecker factor when it is decomposed (peft's default).")
     alpha: int = option(8, "Scaling numerator: the update is multiplied by alpha / r (peft's default).")

@@ -24,6 +24,8 @@ from peftlab.modelinfo import linear_shape
 
 @dataclass
 class OFTOptions(BaseOptions):
+    # Measured 0.820 at 2e-3 on minilm + SST-2 (2,000 examples x 3 epochs, seed 42; docs/methods/defaults.md): above
+    # the majority-class bar (0.659), so not swept.
     learning_rate: float = option(2e-3, "Peak learning rate (peftlab's measured LoRA rate as the first default).")
     block_size: int = option(32, "Size b of each orthogonal block; it must divide every adapted layer's input width "
                                  "(peft's default: 32).")

@@ -20,6 +20,8 @@ from peftlab.methods.tuner import LayerTuner
 
 @dataclass
 class VeRAOptions(BaseOptions):
+    # Measured 0.784 at 1e-2 on minilm + SST-2 (2,000 examples x 3 epochs, seed 42; docs/methods/defaults.md): above
+    # the majority-class bar (0.659), so not swept.
     learning_rate: float = option(1e-2, "Peak learning rate (the scaling vectors are few and need a high rate).")
     r: int = option(256, "Rank of the shared random matrices (peft's default; the paper uses 1024 on RoBERTa-base). "
                          "Costs r + out trained numbers per layer.")
