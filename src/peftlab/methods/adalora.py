@@ -30,10 +30,10 @@ class AdaLoRAOptions(BaseOptions):
     # 0.598 (2e-3, LoRA's rate, below the majority-class bar of 0.659), 0.805 (5e-3), 0.812 (1e-2), 0.801 (2e-2).
     # E starts at zero and P, Q at std 0.02, so the update grows slowly: the paper's 8e-4 ran 24 epochs of SST-2.
     learning_rate: float = option(1e-2, "Peak learning rate (measured: see docs/methods/defaults.md).")
-    init_r: int = option(12, "Rank every adapted layer starts with (peft's default: 1.5x target_r, as in the paper).")
-    target_r: int = option(8, "Average rank left after pruning (peft's default; LoRA's r for a like-for-like budget).")
-    alpha: int = option(16, "Scaling numerator: the update is multiplied by alpha / rank (the paper's GLUE scripts: 16).")
-    dropout: float = option(0.1, "Dropout on the adapter input (peftlab's LoRA default).")
+    init_r: int = option(12, "Rank every adapted layer starts with (peft's default: 1.5x target_r, as in the paper).", min=1)
+    target_r: int = option(8, "Average rank left after pruning (peft's default; LoRA's r for a like-for-like budget).", min=1)
+    alpha: int = option(16, "Scaling numerator: the update is multiplied by alpha / rank (the paper's GLUE scripts: 16).", min=1)
+    dropout: float = option(0.1, "Dropout on the adapter input (peftlab's LoRA default).", min=0, below=1)
     # The paper's SST-2 script (DeBERTaV3-base, 24 epochs of 2,105 steps = 50,520): init_warmup 6,000 and
     # final_warmup 22,000 steps, i.e. 12% and 44% of the run.
     tinit_fraction: float = option(0.12, "Share of the steps trained at init_r before pruning starts (the paper's SST-2 "

@@ -264,7 +264,7 @@ class AdapterOptions(BaseOptions):
               "3e-5..3e-3; 1e-3 is a robust choice for short runs (AdapterHub suggests 1e-4 for long ones).")
     reduction_factor: int = option(
         16, "Bottleneck size m = hidden_size // reduction_factor (AdapterHub's default 16; Houlsby "
-            "swept m in 8, 64, 256 for BERT-large, i.e. factors 128..4).")
+            "swept m in 8, 64, 256 for BERT-large, i.e. factors 128..4).", min=1)
     non_linearity: str = option(
         "relu", "Activation inside the bottleneck: relu, gelu, silu (= swish) or tanh. ReLU is "
                 "AdapterHub's Pfeiffer-configuration default.")

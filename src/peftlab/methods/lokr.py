@@ -22,12 +22,12 @@ class LoKrOptions(BaseOptions):
     # Measured 0.771 at 2e-3 on minilm + SST-2 (2,000 examples x 3 epochs, seed 42; docs/methods/defaults.md): above
     # the majority-class bar (0.659), so not swept.
     learning_rate: float = option(2e-3, "Peak learning rate (peftlab's measured LoRA rate as the first default).")
-    r: int = option(8, "Rank of the second Kronecker factor when it is decomposed (peft's default).")
-    alpha: int = option(8, "Scaling numerator: the update is multiplied by alpha / r (peft's default).")
+    r: int = option(8, "Rank of the second Kronecker factor when it is decomposed (peft's default).", min=1)
+    alpha: int = option(8, "Scaling numerator: the update is multiplied by alpha / r (peft's default).", min=1)
     decompose_both: bool = option(False, "Also decompose the first Kronecker factor into a rank-r product (peft's default: no).")
     decompose_factor: int = option(-1, "Split in/out features near this factor; -1: near the square root (peft's default).")
-    rank_dropout: float = option(0.0, "Dropout on the rank dimension during training (peft's default).")
-    module_dropout: float = option(0.0, "Probability of skipping the whole adapter for a layer in a step (peft's default).")
+    rank_dropout: float = option(0.0, "Dropout on the rank dimension during training (peft's default).", min=0, below=1)
+    module_dropout: float = option(0.0, "Probability of skipping the whole adapter for a layer in a step (peft's default).", min=0, below=1)
     target_modules: list = option(
         [], "Module names to adapt. Empty: peft's LoKr default for the architecture (attention query/value).")
 

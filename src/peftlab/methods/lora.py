@@ -42,9 +42,9 @@ class LoRAOptions(BaseOptions):
     # defaults to, 2e-3 is what converged: minilm + SST-2, 2,000 examples x 3 epochs, full dev set,
     # measured 0.784 (5e-4), 0.802 (1e-3), 0.814 (2e-3). See docs/methods/defaults.md.
     learning_rate: float = option(2e-3, "Peak learning rate. LoRA tolerates much higher rates than full fine-tuning.")
-    r: int = option(8, "Rank of the update B·A.")
-    alpha: int = option(16, "Scaling numerator: the update is multiplied by alpha / r.")
-    dropout: float = option(0.1, "Dropout on the LoRA branch input.")
+    r: int = option(8, "Rank of the update B·A.", min=1)
+    alpha: int = option(16, "Scaling numerator: the update is multiplied by alpha / r.", min=1)
+    dropout: float = option(0.1, "Dropout on the LoRA branch input.", min=0, below=1)
     target_modules: list = option(
         [], "Module names to adapt (for example query,value). Empty: peft's default for the architecture "
             "(attention query/value projections)."

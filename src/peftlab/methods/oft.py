@@ -28,10 +28,10 @@ class OFTOptions(BaseOptions):
     # the majority-class bar (0.659), so not swept.
     learning_rate: float = option(2e-3, "Peak learning rate (peftlab's measured LoRA rate as the first default).")
     block_size: int = option(32, "Size b of each orthogonal block; it must divide every adapted layer's input width "
-                                 "(peft's default: 32).")
+                                 "(peft's default: 32).", min=1)
     use_cayley_neumann: bool = option(True, "Approximate the Cayley transform by a Neumann series (OFT v2, peft's "
                                             "default): much faster, slightly less exactly orthogonal.")
-    module_dropout: float = option(0.0, "Probability of dropping a block's rotation during training (peft's default).")
+    module_dropout: float = option(0.0, "Probability of dropping a block's rotation during training (peft's default).", min=0, below=1)
     target_modules: list = option(
         [], "Module names to adapt. Empty: peft's OFT default for the architecture (attention query/value).")
 

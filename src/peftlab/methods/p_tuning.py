@@ -23,14 +23,14 @@ class PTuningOptions(BaseOptions):
         3e-2, "Peak learning rate. Measured (minilm + SST-2, 2,000 examples x 3 epochs, seed 42): 1e-3 (peft's "
               "P-tuning guide, written for 20 epochs) stays at the majority class, 5e-3 0.536, 1e-2 0.593-0.742 "
               "over seeds, 3e-2 (with 10% warm-up) 0.661-0.767 over seeds and thread counts.")
-    num_virtual_tokens: int = option(20, "Number of virtual tokens prepended to every input (peft's P-tuning guide).")
+    num_virtual_tokens: int = option(20, "Number of virtual tokens prepended to every input (peft's P-tuning guide).", min=1)
     encoder: str = option(
         "MLP", "Prompt encoder: 'MLP' (three linear layers with ReLU; peft's default and recommendation) or "
                "'LSTM' (bidirectional LSTM then a two-layer MLP, the paper's encoder).",
         choices=("MLP", "LSTM"))
-    encoder_hidden_size: int = option(128, "Hidden size of the prompt encoder (peft's P-tuning guide uses 128).")
-    encoder_num_layers: int = option(2, "LSTM layers (LSTM encoder only; the MLP always has three layers).")
-    encoder_dropout: float = option(0.0, "Dropout between LSTM layers (LSTM encoder only).")
+    encoder_hidden_size: int = option(128, "Hidden size of the prompt encoder (peft's P-tuning guide uses 128).", min=1)
+    encoder_num_layers: int = option(2, "LSTM layers (LSTM encoder only; the MLP always has three layers).", min=1)
+    encoder_dropout: float = option(0.0, "Dropout between LSTM layers (LSTM encoder only).", min=0, below=1)
 
 
 class PTuning(PromptLearningMethod):

@@ -21,7 +21,7 @@ class PTuningV2Options(BaseOptions):
         5e-3, "Peak learning rate (the paper's runs use 5e-3 to 1e-2 for prefixes on BERT/RoBERTa).")
     num_virtual_tokens: int = option(
         20, "Prefix length per layer. The paper: simple classification prefers short prefixes (about 20), "
-            "hard sequence labelling longer ones (about 100).")
+            "hard sequence labelling longer ones (about 100).", min=1)
 
 
 class PTuningV2(PrefixTuning):

@@ -33,10 +33,10 @@ class PrefixTuningOptions(BaseOptions):
               "seed tried (Li & Liang used 5e-5 for GPT-2 Medium over 10 epochs).")
     num_virtual_tokens: int = option(
         20, "Prefix length: key/value pairs added to every layer (peft's guide; the paper used 10 for "
-            "table-to-text and 200 for summarisation).")
+            "table-to-text and 200 for summarisation).", min=1)
     projection_size: int = option(
         512, "Hidden size of the MLP that reparameterises the prefix during training (the paper's 512 for "
-             "table-to-text).")
+             "table-to-text).", min=1)
 
 
 class PrefixTuning(PromptLearningMethod):

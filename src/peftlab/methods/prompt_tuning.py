@@ -82,7 +82,7 @@ class PromptTuningOptions(BaseOptions):
     learning_rate: float = option(
         3e-2, "Peak learning rate. Prompt embeddings need high rates: Lester et al. used 0.3 with Adafactor; "
               "3e-2 with AdamW is peft's prompt-tuning example.")
-    num_virtual_tokens: int = option(20, "Number of virtual tokens prepended to every input.")
+    num_virtual_tokens: int = option(20, "Number of virtual tokens prepended to every input.", min=1)
     init: str = option(
         "vocab", "How to initialise the virtual tokens: 'random' (peft's default), 'vocab' (embeddings of "
                  "randomly sampled vocabulary tokens; Lester et al. found it beats random init) or 'text' "

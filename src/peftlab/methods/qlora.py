@@ -41,9 +41,9 @@ SKIP_QUANTIZATION = list(OUTPUT_HEAD_NAMES)
 @dataclass
 class QLoRAOptions(BaseOptions):
     learning_rate: float = option(2e-4, "Peak learning rate (QLoRA paper: 2e-4 for 7B/13B models, 1e-4 above).")
-    r: int = option(64, "LoRA rank (QLoRA paper: 64 on all linear layers).")
-    alpha: int = option(16, "LoRA scaling numerator: the update is multiplied by alpha / r (QLoRA paper: 16).")
-    dropout: float = option(0.1, "Dropout on the LoRA branch input (QLoRA paper: 0.1 up to 13B, 0.05 above).")
+    r: int = option(64, "LoRA rank (QLoRA paper: 64 on all linear layers).", min=1)
+    alpha: int = option(16, "LoRA scaling numerator: the update is multiplied by alpha / r (QLoRA paper: 16).", min=1)
+    dropout: float = option(0.1, "Dropout on the LoRA branch input (QLoRA paper: 0.1 up to 13B, 0.05 above).", min=0, below=1)
     target_modules: list = option(
         [], "Module names to adapt. Empty: every linear layer except the task head and the LM output layer "
             "(the QLoRA paper finds adapting all linear layers necessary to match full fine-tuning).")

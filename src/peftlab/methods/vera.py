@@ -24,9 +24,9 @@ class VeRAOptions(BaseOptions):
     # the majority-class bar (0.659), so not swept.
     learning_rate: float = option(1e-2, "Peak learning rate (the scaling vectors are few and need a high rate).")
     r: int = option(256, "Rank of the shared random matrices (peft's default; the paper uses 1024 on RoBERTa-base). "
-                         "Costs r + out trained numbers per layer.")
+                         "Costs r + out trained numbers per layer.", min=1)
     d_initial: float = option(0.1, "Initial value of the vector d that scales the rank dimension (the paper: 0.1).")
-    dropout: float = option(0.0, "Dropout on the adapter input (peft's default).")
+    dropout: float = option(0.0, "Dropout on the adapter input (peft's default).", min=0, below=1)
     projection_prng_key: int = option(0, "Seed of the shared random matrices (peft's default).")
     target_modules: list = option(
         [], "Module names to adapt. Empty: peft's VeRA default for the architecture (attention query/value).")
