@@ -8,6 +8,8 @@ A ``peftlab train --output DIR`` writes::
     DIR/log.jsonl        one JSON object per logging step and per evaluation
     DIR/loss.png         training loss (and dev metric per epoch)
     DIR/checkpoints/     step checkpoints while training (removed after a successful run)
+    DIR/peftlab-run.json the marker written first, before any other file: this folder is a run, started with
+                         these options (what ``--resume`` compares)
 
 ``--adapter`` also accepts a plain peft adapter folder made elsewhere (``adapter_config.json`` plus
 weights): its base model and task type come from ``adapter_config.json``.
@@ -17,7 +19,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,15 @@ from peftlab.kinds import TaskKind
 
 MANIFEST = "peftlab.json"
 ADAPTER_DIR = "adapter"  # the run folder's subfolder with the trained weights
+METRICS = "metrics.json"  # written last: its presence means the run finished
+LOG = "log.jsonl"
+PLOT = "loss.png"
+CHECKPOINTS = "checkpoints"  # the step checkpoints (for --resume)
+RUN_MARKER = "peftlab-run.json"  # written first, atomically: the folder is a run from its first moment
+RUN_FILES = (RUN_MARKER, MANIFEST, ADAPTER_DIR, METRICS, LOG, PLOT, CHECKPOINTS)  # all a run ever writes
+# What `peftlab compare` puts into a run's folder before it trains there (peftlab.compare.worker): peftlab's,
+# not the user's, so such a folder counts as empty.
+COMPANION_FILES = ("compare-spec.json", "compare.log", "worker-result.json", "error.txt", "result.json")
 
 
 @dataclass
@@ -43,6 +57,9 @@ class RunManifest:
     precision: str = "fp32"
     peftlab_version: str = ""
     adapter_dir: str = ADAPTER_DIR  # relative to the run folder
+    # The data folder it was trained from (--data-dir or $PEFTLAB_DATA_DIR, absolute): `peftlab eval` reads
+    # the dev split from there when it is given none. None: the Hub, the user's own files, or an older run.
+    data_dir: str | None = None
 
     def __post_init__(self):
         self.kind = TaskKind.parse(self.kind, "task kind in the run manifest")
@@ -162,3 +179,291 @@ def _jsonable(value):
     except ImportError:  # pragma: no cover
         pass
     return str(value)
+
+
+# ---- starting a run: nothing overwritten, resume that says what it does -----------------------------------
+
+@dataclass
+class RunStart:
+    """What :func:`start_run` decided for a run folder, and what to tell the user."""
+
+    output: Path
+    finished: dict[str, Any] | None = None  # --resume of a finished run: its metrics (nothing to train)
+    resume_from: str | None = None  # the newest intact checkpoint a resumed run continues from
+    notes: list[str] = field(default_factory=list)  # one line each: what was chosen and why
+    owns_folder: bool = False  # the folder holds nothing but this run's files (removed again if it fails early)
+
+    def abandon(self) -> None:
+        """Undo a start that failed before its first checkpoint, so that the same --output works next time:
+        the run's own files go (nothing else), and the folder too when it held nothing else."""
+        if self.finished is not None or has_checkpoint(self.output) or (self.output / METRICS).exists():
+            return
+        for name in RUN_FILES:
+            _remove(self.output / name)
+        if self.owns_folder and self.output.is_dir() and not any(self.output.iterdir()):
+            self.output.rmdir()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def checkpoint_folders(output: Path) -> list[Path]:
+    """The run's ``checkpoint-N`` folders, newest first (each appeared whole: see peftlab.trainer)."""
+    folder = Path(output) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")
+             and p.name.split("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]), reverse=True)
+
+
+def has_checkpoint(output: Path) -> bool:
+    return bool(checkpoint_folders(output))
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (a truncated or garbled file), or None when it is intact.
+
+    Read without torch: safetensors files against their header's sizes, torch's zip files against their
+    CRCs, JSON files parsed."""
+    if not (folder / "trainer_state.json").is_file():
+        return "trainer_state.json is missing"
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = str(path.relative_to(folder))
+        try:
+            if path.suffix == ".safetensors":
+                problem = _safetensors_problem(path)
+            elif path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+                problem = None
+            elif path.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip()
+                problem = f"its entry {bad} is corrupt" if bad else None
+            else:
+                problem = None
+        except (OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError):
+            problem = "it is truncated or garbled"
+        if problem:
+            return f"{name}: {problem}"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    size = path.stat().st_size
+    with path.open("rb") as stream:
+        prefix = stream.read(8)
+        if len(prefix) < 8:
+            return "it is truncated"
+        length = int.from_bytes(prefix, "little")
+        if length > size - 8:
+            return "it is truncated"
+        header = json.loads(stream.read(length))
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if 8 + length + end > size:
+        return f"it is truncated ({size:,} of {8 + length + end:,} bytes)"
+    return None
+
+
+def intact_checkpoint(output: Path) -> tuple[Path | None, list[str]]:
+    """(the newest checkpoint that is intact, 'checkpoint-N (why)' for each newer one that is not)."""
+    damaged = []
+    for folder in checkpoint_folders(output):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder, damaged
+        damaged.append(f"{folder.name} ({problem})")
+    return None, damaged
+
+
+def _entries(output: Path) -> list[str]:
+    """The folder's entries that are not peftlab's companion files, sorted."""
+    if not output.is_dir():
+        return []
+    return sorted(p.name for p in output.iterdir() if p.name not in COMPANION_FILES)
+
+
+def run_state(output: Path) -> str:
+    """'absent', 'empty', 'finished', 'unfinished' (it has a checkpoint), 'failed-start' (a run that stopped
+    before its first checkpoint) or 'foreign' (a non-empty folder that is not a run)."""
+    output = Path(output)
+    if not output.exists():
+        return "absent"
+    entries = _entries(output)
+    if not entries:
+        return "empty"
+    marked = (output / RUN_MARKER).is_file()
+    if (output / METRICS).is_file() and (marked or ((output / MANIFEST).is_file() and (output / ADAPTER_DIR).is_dir())):
+        return "finished"
+    if has_checkpoint(output):
+        return "unfinished"
+    # A run of an earlier peftlab that died before its first checkpoint left checkpoints/ (and log.jsonl).
+    if marked or ((output / CHECKPOINTS).is_dir() and set(entries) <= set(RUN_FILES)):
+        return "failed-start"
+    return "foreign"
+
+
+def read_marker(output: Path) -> dict[str, Any]:
+    try:
+        payload = json.loads((Path(output) / RUN_MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return payload if isinstance(payload, dict) else {}
+
+
+def finished_metrics(output: Path) -> dict[str, Any] | None:
+    """The metrics of a finished run in ``output`` (None when there is none)."""
+    path = Path(output) / METRICS
+    if run_state(output) != "finished":
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise PeftlabError(f"'{path}' is not valid JSON: the run's record is damaged. Choose another --output.") from None
+
+
+def start_run(output: str | os.PathLike, *, resume: bool, overwrite: bool, identity: dict[str, Any],
+              describe_changes=None) -> RunStart:
+    """Check ``--output`` and mark it as this run's before anything else is written (rank 0 only).
+
+    A finished run: refused (``--resume``: its metrics, nothing to train; ``--overwrite``: replaced).
+    An unfinished run: refused without ``--resume`` (``--overwrite`` starts it over); resumed from its newest
+    intact checkpoint when its options (``identity``, see ``peftlab.validation.training_identity``) are the
+    ones it started with (``describe_changes(started, now)`` lists the others for the refusal). A run that
+    died before its first checkpoint: started again. Any other non-empty folder: refused, unless
+    ``--overwrite`` and none of the run's file names is taken there (files peftlab did not write are never
+    deleted or replaced). A file: refused."""
+    out = Path(output).expanduser()
+    if out.exists() and not out.is_dir():
+        raise PeftlabError(f"--output '{out}' is a file: choose a folder (a new or empty one).")
+    state = run_state(out)
+    notes: list[str] = []
+    if state == "finished":
+        if resume:
+            metrics = finished_metrics(out) or {}
+            score = f": dev {metrics.get('metric_name')} = {metrics['metric']:.4f}" if isinstance(
+                metrics.get("metric"), (int, float)) else ""
+            return RunStart(out, finished=metrics, notes=[f"'{out}' holds a finished run{score}; nothing to resume."])
+        if not overwrite:
+            raise PeftlabError(f"'{out}' already holds a finished run. Choose another --output, delete it, or pass "
+                               "--overwrite to replace it.")
+        notes.append(f"--overwrite: replacing the finished run in '{out}' (its own files only)")
+        _clear_run(out)
+    elif state == "unfinished" and resume:
+        return _resume(out, identity, describe_changes)
+    elif state == "unfinished":
+        if not overwrite:
+            raise PeftlabError(f"'{out}' holds an unfinished run. Continue it with --resume, or choose another "
+                               "--output (--overwrite starts it over).")
+        notes.append(f"--overwrite: starting the unfinished run in '{out}' over (its own files only)")
+        _clear_run(out)
+    elif state == "failed-start":
+        notes.append(f"'{out}' holds a run that stopped before its first checkpoint"
+                     f"{' (nothing to resume)' if resume else ''}: starting it again")
+        _clear_run(out)
+    elif state == "foreign":
+        entries = _entries(out)
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        if not overwrite:
+            raise PeftlabError(f"'{out}' is not empty and is not a peftlab run (it holds {shown}): choose another "
+                               "--output, or pass --overwrite to train into it beside those files (peftlab never "
+                               "deletes or replaces files it did not write).")
+        taken = [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
+        if taken:
+            raise PeftlabError(f"'{out}' holds {', '.join(taken)}, which a run would write but peftlab did not: "
+                               "--overwrite never replaces files peftlab did not write. Move them, or choose "
+                               "another --output.")
+        notes.append(f"--overwrite: training into '{out}' beside its {len(entries)} other entries, which peftlab "
+                     "leaves as they are")
+    if resume and state != "failed-start":
+        notes.append(f"--resume: nothing to resume in '{out}' (no checkpoint); starting a fresh run")
+    owns_folder = state in ("absent", "failed-start")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_marker(out, identity)
+    except OSError as error:
+        raise PeftlabError(f"Cannot write --output '{out}' ({error.strerror or error}). Choose a folder you can "
+                           "write to.") from None
+    return RunStart(out, notes=notes, owns_folder=owns_folder)
+
+
+def _resume(out: Path, identity: dict[str, Any], describe_changes) -> RunStart:
+    marker = read_marker(out)
+    started = marker.get("identity")
+    if isinstance(started, dict) and describe_changes is not None:
+        changes = describe_changes(started, identity)
+        if changes:
+            raise PeftlabError(f"--resume: '{out}' was started with other options ({'; '.join(changes)}); resume "
+                               "with the options it was started with, or start a new run with another --output.")
+    checkpoint, damaged = intact_checkpoint(out)
+    notes = [f"--resume: {name} is damaged, so it is skipped" for name in damaged]
+    if checkpoint is None:
+        notes.append(f"--resume: no intact checkpoint in '{out}'; training again from step 0")
+    else:
+        notes.append(f"--resume: resuming from {checkpoint.name} (step {checkpoint.name.split('-', 1)[1]})")
+    if not marker:
+        write_marker(out, identity)  # a run of an earlier peftlab: marked now, compared next time
+    return RunStart(out, resume_from=str(checkpoint) if checkpoint else None, notes=notes)
+
+
+def _clear_run(out: Path) -> None:
+    """Remove what an earlier run wrote in ``out`` (only the run's own file names)."""
+    for name in RUN_FILES:
+        _remove(out / name)
+
+
+def write_marker(out: Path, identity: dict[str, Any]) -> None:
+    from peftlab.version import __version__
+
+    write_json(out / RUN_MARKER, {"peftlab_version": __version__, "started": time.time(), "identity": identity})
+
+
+# ---- where a run's data came from -----------------------------------------------------------------------
+
+def absolute_paths(options: dict[str, Any], keys) -> dict[str, Any]:
+    """``options`` with the file paths under ``keys`` made absolute (so a run reloads from any folder)."""
+    return {key: (os.path.abspath(os.path.expanduser(str(value))) if key in keys and value else value)
+            for key, value in options.items()}
+
+
+def remembered_data_dir(task, data_dir: str | None) -> str | None:
+    """The data folder a task read (``--data-dir``, else ``$PEFTLAB_DATA_DIR``), absolute; None for the Hub
+    and for tasks over the user's own files."""
+    if getattr(task, "local_only", False):
+        return None
+    from peftlab.tasks.base import resolve_data_dir
+
+    path = resolve_data_dir(data_dir)
+    return str(path.resolve()) if path is not None else None
+
+
+# ---- peftlab compare --output ----------------------------------------------------------------------------
+
+COMPARE_OUTPUTS = ("results.json", "results.csv", "report.md", "report.html", "runs")
+
+
+def check_comparison_folder(output: str | os.PathLike, *, overwrite: bool, plots=()) -> Path:
+    """``peftlab compare --output``: a new or empty folder, or an earlier comparison (compare resumes or
+    refuses it); any other non-empty folder only with ``--overwrite`` and only when none of the names a
+    comparison writes (``COMPARE_OUTPUTS``, ``plots``) is taken there."""
+    out = Path(output).expanduser()
+    if out.exists() and not out.is_dir():
+        raise PeftlabError(f"--output '{out}' is a file: choose a folder (a new or empty one).")
+    if not out.is_dir() or not any(out.iterdir()) or (out / "results.json").is_file() or (out / "runs").is_dir():
+        return out
+    entries = sorted(p.name for p in out.iterdir())
+    if not overwrite:
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise PeftlabError(f"'{out}' is not empty and is not a comparison (it holds {shown}): choose another --output, "
+                           "or pass --overwrite to write the comparison beside those files (peftlab never deletes or "
+                           "replaces files it did not write).")
+    taken = [name for name in (*COMPARE_OUTPUTS, *plots) if (out / name).exists()]
+    if taken:
+        raise PeftlabError(f"'{out}' holds {', '.join(taken)}, which a comparison would write but peftlab did not: "
+                           "--overwrite never replaces files peftlab did not write. Move them, or choose another "
+                           "--output.")
+    return out

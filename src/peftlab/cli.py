@@ -42,7 +42,9 @@ _HELP = {
     "logging_steps": "log every N optimizer steps",
     "save_steps": "write a checkpoint every N optimizer steps (for --resume)",
     "eval_each_epoch": "score the dev set after every epoch",
-    "resume": "continue an interrupted run from its last checkpoint",
+    "resume": "continue an interrupted run from its newest intact checkpoint (refused if its options changed)",
+    "overwrite": "train into a non-empty --output: replaces an earlier run there; files peftlab did not write are "
+                 "never deleted or replaced",
     "keep_checkpoints": "keep the step checkpoints after a successful run",
     "data_dir": "folder with the raw datasets (default: $PEFTLAB_DATA_DIR, else the Hugging Face Hub)",
     "deepspeed": "DeepSpeed ZeRO: zero2, zero3 or a config.json",
@@ -106,17 +108,23 @@ def _add_train_flags(parser: argparse.ArgumentParser, *, skip: set[str] = frozen
                              help=f"{help_text} [{', '.join(owners)}]")
 
 
-def _collect(args: argparse.Namespace, parser_defaults: set[str]) -> dict[str, Any]:
-    """Recipe values first, then every flag the user actually gave."""
-    from peftlab.training import load_recipe
+def _collect(args: argparse.Namespace, parser_defaults: set[str],
+             sources: dict[str, str] | None = None) -> dict[str, Any]:
+    """Recipe values first, then every flag the user actually gave. ``sources`` gets, for each value that
+    came from the recipe, the recipe's path (validation names the file and key)."""
+    from peftlab.validation import load_recipe
 
     options: dict[str, Any] = {}
     if getattr(args, "config", None):
         options.update(load_recipe(args.config))
+        if sources is not None:
+            sources.update({key: str(args.config) for key in options})
     for key, value in vars(args).items():
         if key in parser_defaults or value is None:
             continue
         options[key] = value
+        if sources is not None:
+            sources.pop(key, None)
     return options
 
 
@@ -124,19 +132,23 @@ def _collect(args: argparse.Namespace, parser_defaults: set[str]) -> dict[str, A
 
 def cmd_train(args, extra):
     from peftlab.training import config_from_options, train
+    from peftlab.validation import check_model_limits
 
-    options = _collect(args, extra)
+    sources: dict[str, str] = {}
+    options = _collect(args, extra, sources)
+    config = config_from_options(options, sources=sources)  # every value checked before any work
+    check_model_limits(config)
     nproc = getattr(args, "nproc", None)
     if getattr(args, "dry_run", False):
         from peftlab.dryrun import dry_run
 
-        print(dry_run(config_from_options(options), world_size=1 if nproc is None else nproc).render(), flush=True)
+        print(dry_run(config, world_size=1 if nproc is None else nproc).render(), flush=True)
         return 0
     if nproc is not None and nproc != 1 and "LOCAL_RANK" not in os.environ:
         from peftlab.distributed import relaunch
 
         return relaunch(nproc, args.argv)  # the ranks re-run this same command under torchrun
-    train(config_from_options(options))
+    train(config)
     return 0
 
 
@@ -198,10 +210,18 @@ def cmd_methods(args, extra):
 
 
 def cmd_compare(args, extra):
+    from peftlab.artifacts import check_comparison_folder
     from peftlab.compare import compare
+    from peftlab.report import PLOTS
+    from peftlab.training import TrainConfig
+    from peftlab.validation import check_train_values
 
-    options = _collect(args, extra | {"methods", "repeats", "output", "resume", "isolate"})
-    compare(methods=args.methods, output=args.output, repeats=args.repeats, resume=bool(args.resume),
+    sources: dict[str, str] = {}
+    options = _collect(args, extra | {"methods", "repeats", "output", "resume", "isolate", "overwrite"}, sources)
+    options = check_train_values(options, sources)  # the recipe's file and key named, before any work
+    output = args.output or f"runs/compare-{options.get('task', TrainConfig.task)}"
+    check_comparison_folder(output, overwrite=bool(args.overwrite), plots=[name for name, _ in PLOTS.values()])
+    compare(methods=args.methods, output=output, repeats=args.repeats, resume=bool(args.resume),
             train_options=options, isolate=args.isolate)
     return 0
 

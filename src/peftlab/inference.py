@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ class Loaded:
     manifest: RunManifest
     method: Any
     adapter_dir: Path
+    run_dir: Path | None = None  # the `peftlab train` folder it came from (None: a plain peft folder)
 
     @property
     def kind(self) -> str:
@@ -55,7 +57,8 @@ def load_trained(adapter: str | Path, *, device: str | None = None, base_model: 
     if not getattr(model, "is_loaded_in_4bit", False) and not getattr(base, "is_loaded_in_4bit", False):
         model.to(target)
     model.eval()
-    return Loaded(model=model, tokenizer=tokenizer, manifest=manifest, method=method, adapter_dir=adapter_dir)
+    return Loaded(model=model, tokenizer=tokenizer, manifest=manifest, method=method, adapter_dir=adapter_dir,
+                  run_dir=checked.folder if checked.from_run else None)
 
 
 def checked_adapter(adapter: str | Path):
@@ -71,13 +74,31 @@ def checked_adapter(adapter: str | Path):
     return checked
 
 
-def task_for_manifest(manifest: RunManifest, task: str | None, task_options: dict | None):
+def task_for_manifest(manifest: RunManifest, task: str | None, task_options: dict | None, *,
+                      run_dir: Path | None = None):
+    """The task to score a run on: its own (with the options it was trained with) unless ``task`` names another.
+
+    File paths the manifest records are absolute; a relative one (runs of an earlier peftlab) is read from
+    the current folder when it is there, else from ``run_dir``. A recorded dev file that is gone is named
+    with the manifest it comes from, not blamed on a flag the user never gave."""
     from peftlab.tasks import get_task
+    from peftlab.tasks.files import FILE_OPTIONS
 
     name = task or manifest.task
     if name is None:
         raise PeftlabError("This adapter does not record its task (it was not trained by peftlab): pass --task.")
     options = dict(manifest.task_options)
+    for option, _flag in FILE_OPTIONS.values():
+        recorded = options.get(option)
+        if recorded and not Path(recorded).expanduser().is_absolute() and not Path(recorded).exists() and run_dir:
+            options[option] = str(Path(run_dir) / recorded)
+    dev_option, dev_flag = FILE_OPTIONS["dev"]
+    recorded_dev = options.get(dev_option)
+    if name == manifest.task and recorded_dev and not (task_options or {}).get(dev_option) \
+            and not Path(recorded_dev).expanduser().is_file():
+        where = f"'{Path(run_dir) / 'peftlab.json'}'" if run_dir else "the run's peftlab.json"
+        raise PeftlabError(f"The dev file this run was trained with, '{recorded_dev}' (recorded in {where}), no "
+                           f"longer exists: pass {dev_flag} to evaluate on another file.")
     options.update(task_options or {})
     task_object = get_task(name, **options)
     if name == manifest.task and manifest.label_names is not None:
@@ -97,7 +118,8 @@ def evaluate(adapter: str | Path, *, task: str | None = None, data_dir: str | No
     from peftlab.tasks.base import select
 
     loaded = loaded or load_trained(adapter)
-    task_object = task_for_manifest(loaded.manifest, task, task_options)
+    task_object = task_for_manifest(loaded.manifest, task, task_options, run_dir=loaded.run_dir)
+    data_dir = data_dir_for(loaded.manifest, data_dir)
     if task_object.kind != loaded.kind:
         raise PeftlabError(f"Task '{task_object.name}' is a {task_object.kind} task but the adapter was trained "
                            f"for {loaded.kind}.")
@@ -123,6 +145,17 @@ def evaluate(adapter: str | Path, *, task: str | None = None, data_dir: str | No
         result["generation"] = generation_scores(loaded, task_object, dev_raw.select(range(min(generate, len(dev_raw)))),
                                                  max_new_tokens=max_new_tokens)
     return result
+
+
+def data_dir_for(manifest: RunManifest, data_dir: str | None) -> str | None:
+    """The data folder to read dev data from: ``data_dir`` (--data-dir), else $PEFTLAB_DATA_DIR, else the one
+    the run was trained from (remembered in its manifest) when it still exists; None: the Hub."""
+    from peftlab.tasks.base import DATA_DIR_ENV
+
+    if data_dir or os.environ.get(DATA_DIR_ENV):
+        return data_dir
+    remembered = manifest.data_dir
+    return remembered if isinstance(remembered, str) and Path(remembered).is_dir() else None
 
 
 def generation_scores(loaded: Loaded, task, rows, *, max_new_tokens: int = 64) -> dict[str, Any]:

@@ -23,55 +23,58 @@ What a caller may replace (collator, optimizer, extra callbacks, an already prep
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from peftlab import methods
-from peftlab.artifacts import ADAPTER_DIR, RunManifest, write_json
+from peftlab import methods, validation
+from peftlab.artifacts import (ADAPTER_DIR, CHECKPOINTS, LOG, METRICS, PLOT, RunManifest,  # noqa: F401 (re-exported)
+                               absolute_paths, remembered_data_dir, write_json)
 from peftlab.errors import PeftlabError
 from peftlab.kinds import TaskKind
 from peftlab.tasks.base import select  # noqa: F401 (part of the training API)
+from peftlab.validation import limits, load_recipe  # noqa: F401 (load_recipe: part of the training API)
 from peftlab.version import __version__
 
 # The method a run trains when none is named: the methods package says which (the registry's first, LoRA,
 # until it declares DEFAULT_METHOD).
 DEFAULT_METHOD: str = getattr(methods, "DEFAULT_METHOD", None) or methods.method_names()[0]
-CHECKPOINTS = "checkpoints"  # the run folder's subfolder with the step checkpoints (for --resume)
-LOG = "log.jsonl"
 
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs. CLI flags and recipe YAML keys use these names."""
+    """Everything a training run needs. CLI flags and recipe YAML keys use these names.
+
+    Each field declares the values it accepts (``peftlab.validation.limits``); ``train()`` checks them all
+    before any work, and so do the CLI and recipes (with the flag, or the file and key, in the message)."""
 
     method: str = DEFAULT_METHOD
     task: str = "sst2"
     model: str = "minilm"
     output: str | None = None  # default: runs/<method>-<task>
-    epochs: float = 3.0
-    lr: float | None = None  # None: the method's default
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    max_length: int = 128
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    seed: int = 42
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    grad_accum: int = 1
+    epochs: float = field(default=3.0, metadata=limits(above=0))
+    lr: float | None = field(default=None, metadata=limits(above=0))  # None: the method's default
+    batch_size: int = field(default=32, metadata=limits(min=1))
+    eval_batch_size: int = field(default=64, metadata=limits(min=1))
+    max_length: int = field(default=128, metadata=limits(min=8))  # and at most the model's positions
+    max_train_samples: int | None = field(default=None, metadata=limits(min=1))
+    max_eval_samples: int | None = field(default=None, metadata=limits(min=1))
+    seed: int = field(default=42, metadata=limits(min=0, max=2**32 - 1))  # numpy's seed range
+    precision: str = field(default="auto", metadata=limits(choices=("auto", "fp32", "bf16", "fp16")))
+    grad_accum: int = field(default=1, metadata=limits(min=1))
     gradient_checkpointing: bool = False
     group_by_length: bool = True
-    warmup_ratio: float | None = None  # None: the method's own (Method.warmup_ratio)
-    weight_decay: float = 0.0
-    logging_steps: int = 10
-    save_steps: int = 200
+    # None: the method's own (Method.warmup_ratio). Below 1: the Trainer reads warmup_steps >= 1 as steps.
+    warmup_ratio: float | None = field(default=None, metadata=limits(min=0, below=1))
+    weight_decay: float = field(default=0.0, metadata=limits(min=0))
+    logging_steps: int = field(default=10, metadata=limits(min=1))
+    save_steps: int = field(default=200, metadata=limits(min=1))
     eval_each_epoch: bool = True
     resume: bool = False
+    overwrite: bool = False  # train into a non-empty --output (never replacing files peftlab did not write)
     keep_checkpoints: bool = False
     data_dir: str | None = None
     deepspeed: str | None = None  # zero2 | zero3 | path/to/config.json (see peftlab.distributed)
@@ -162,8 +165,7 @@ def build_method(config: TrainConfig):
 def build_task(config: TrainConfig):
     from peftlab.tasks import get_task
 
-    if config.max_length < 8:
-        raise PeftlabError(f"--max-length must be at least 8; got {config.max_length}.")
+    validation.check_train_values({"max_length": config.max_length})
     return get_task(config.task, **config.task_options)
 
 
@@ -230,19 +232,26 @@ def train(config: TrainConfig | None = None, *, parts: TrainingParts | None = No
     """
     from peftlab import distributed, hardware
 
-    distributed.init_worker()  # a rank started by torchrun/deepspeed dies with its launcher
-    config = resolve_config(config, overrides)
+    config = validation.check_config(resolve_config(config, overrides))  # before any work: one sentence
     parts = parts or TrainingParts()
-    finished = check_output(config)
-    if finished is not None:
-        return finished  # --resume of a run that had finished: nothing to redo
-    precision = hardware.resolve_precision(config.precision)
     if parts.prepared is not None and parts.prepared.config != config:
         raise PeftlabError("TrainingParts.prepared was prepared from another configuration than the one given to "
                            "train(): prepare the same TrainConfig you train with.")
-    prepared = parts.prepared or prepare(config)
-    built = build_trainer(prepared, precision, parts)
-    times = run(built)
+    if parts.prepared is None:
+        validation.check_model_limits(config)  # --max-length against the model's config.json
+    distributed.init_worker()  # a rank started by torchrun/deepspeed dies with its launcher
+    start = start_output(config)
+    if start.finished is not None:
+        return start.finished  # --resume of a run that had finished: nothing to redo
+    try:
+        precision = hardware.resolve_precision(config.precision)
+        prepared = parts.prepared or prepare(config)
+        built = build_trainer(prepared, precision, parts, resume_from=start.resume_from)
+        times = run(built)
+    except BaseException:
+        if distributed.is_main_process():
+            start.abandon()  # failed before its first checkpoint: nothing left that blocks a retry
+        raise
     adapter_dir = save(built)
     final = evaluate_final(built)
     if not distributed.is_main_process():
@@ -257,23 +266,29 @@ def resolve_config(config: TrainConfig | None, overrides: dict[str, Any]) -> Tra
     return dataclasses.replace(config or TrainConfig(), **overrides)
 
 
-def check_output(config: TrainConfig) -> dict[str, Any] | None:
-    """Refuse to overwrite a run; the metrics of a finished run that ``--resume`` is asked to continue."""
-    from peftlab import distributed
+def start_output(config: TrainConfig):
+    """``--output`` checked and marked as this run's before any work (``peftlab.artifacts.start_run``); what
+    ``--resume`` continues from, said out loud. Other ranks only read which checkpoint rank 0 resumes."""
+    from peftlab import artifacts, distributed
 
     output = config.output_dir()
-    finished = output / "metrics.json"
-    if finished.exists() and not config.resume:
-        raise PeftlabError(f"'{output}' already holds a finished run. Choose another --output or delete it.")
-    if (output / CHECKPOINTS).exists() and not config.resume and distributed.is_main_process():
-        raise PeftlabError(f"'{output}' holds an unfinished run. Continue it with --resume, or choose another --output.")
-    if config.resume and finished.exists():
-        return json.loads(finished.read_text())
-    return None
+    if not distributed.is_main_process():
+        resume_from = artifacts.intact_checkpoint(output)[0] if config.resume else None
+        finished = artifacts.finished_metrics(output) if config.resume else None
+        return artifacts.RunStart(output, finished=finished, resume_from=str(resume_from) if resume_from else None)
+    start = artifacts.start_run(output, resume=config.resume, overwrite=config.overwrite,
+                                identity=validation.training_identity(config),
+                                describe_changes=validation.identity_changes)
+    for note in start.notes:
+        print(note, flush=True)
+    return start
 
 
-def build_trainer(prepared: Prepared, precision: str, parts: TrainingParts | None = None) -> BuiltTrainer:
-    """The ``Trainer`` with peftlab's arguments, callbacks, collator and optimizer (``parts`` replace them)."""
+def build_trainer(prepared: Prepared, precision: str, parts: TrainingParts | None = None, *,
+                  resume_from: str | None = None) -> BuiltTrainer:
+    """The ``Trainer`` with peftlab's arguments, callbacks, collator and optimizer (``parts`` replace them).
+
+    ``resume_from``: the checkpoint to continue from (default with ``--resume``: the newest intact one)."""
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
@@ -281,7 +296,8 @@ def build_trainer(prepared: Prepared, precision: str, parts: TrainingParts | Non
     from peftlab.callbacks import JsonlLogger, ProgressBar
     from peftlab.modelinfo import count_parameters
     from peftlab.preprocess import collator
-    from peftlab.trainer import PeftlabTrainer, last_checkpoint
+    from peftlab.artifacts import intact_checkpoint
+    from peftlab.trainer import PeftlabTrainer
 
     parts = parts or TrainingParts()
     config, method, task, model = prepared.config, prepared.method, prepared.task, prepared.model
@@ -305,7 +321,7 @@ def build_trainer(prepared: Prepared, precision: str, parts: TrainingParts | Non
         num_train_epochs=config.epochs,
         learning_rate=method.learning_rate,
         weight_decay=config.weight_decay,
-        warmup_steps=_warmup_ratio(config, method),  # a float below 1 is a ratio of the steps
+        warmup_steps=resolved_warmup_ratio(config, method),  # a float below 1 is a ratio of the steps
         lr_scheduler_type="linear",
         logging_steps=config.logging_steps,
         logging_first_step=True,
@@ -360,7 +376,8 @@ def build_trainer(prepared: Prepared, precision: str, parts: TrainingParts | Non
         # grad_accum, so losses and gradients come out N times too large. A mean per rank,
         # averaged over ranks by DDP, is the single-process loss exactly.
         trainer.model_accepts_loss_kwargs = False
-    resume_from = last_checkpoint(output / CHECKPOINTS) if config.resume else None
+    if resume_from is None and config.resume:
+        resume_from = str(intact_checkpoint(output)[0] or "") or None
     if distributed.is_main_process():
         print(_banner(prepared, trainable, total, precision, resume_from), flush=True)
     return BuiltTrainer(trainer=trainer, prepared=prepared, precision=precision, evaluation=evaluation,
@@ -387,7 +404,7 @@ def _optimizer(prepared: Prepared, given, weight_decay: float) -> tuple[str, Cal
     return method.optimizer, grouped_adamw
 
 
-def _warmup_ratio(config: TrainConfig, method) -> float:
+def resolved_warmup_ratio(config: TrainConfig, method) -> float:
     return config.warmup_ratio if config.warmup_ratio is not None else method.warmup_ratio
 
 
@@ -436,13 +453,13 @@ def report(built: BuiltTrainer, times: RunTimes, final: dict[str, Any], adapter_
         method=method.name, model=config.model, kind=task.kind, task=task.name,
         method_options=method.options_dict(), task_options=_task_options_for_manifest(prepared),
         label_names=prepared.label_names, is_regression=task.is_regression, max_length=config.max_length,
-        precision=built.precision, peftlab_version=__version__,
+        precision=built.precision, peftlab_version=__version__, data_dir=remembered_data_dir(task, config.data_dir),
     )
     manifest.save(output)
 
     # Throughput counts the examples and real tokens this process trained on (resumed runs: only
     # the steps after the resume point are timed, so scale by the steps actually run here).
-    fraction = min(1.0, times.steps_run / prepared.total_steps)
+    fraction = min(1.0, max(0.0, times.steps_run / prepared.total_steps))
     examples = len(prepared.train_data) * config.epochs * fraction
     tokens = sum(prepared.train_data["length"]) * config.epochs * fraction
     metrics = {
@@ -464,7 +481,7 @@ def report(built: BuiltTrainer, times: RunTimes, final: dict[str, Any], adapter_
         "steps": trainer.state.global_step,
         "effective_batch_size": prepared.effective_batch,
         "learning_rate": method.learning_rate,
-        "warmup_ratio": _warmup_ratio(config, method),
+        "warmup_ratio": resolved_warmup_ratio(config, method),
         "precision": built.precision,
         "device": hardware.device_type(),
         "train_seconds": times.train_seconds,
@@ -480,8 +497,8 @@ def report(built: BuiltTrainer, times: RunTimes, final: dict[str, Any], adapter_
         "seed": config.seed,
         "peftlab_version": __version__,
     }
-    write_json(output / "metrics.json", metrics)
-    plot_training(output / LOG, output / "loss.png", title=f"{method.name} on {task.name} ({config.model})",
+    write_json(output / METRICS, metrics)
+    plot_training(output / LOG, output / PLOT, title=f"{method.name} on {task.name} ({config.model})",
                   metric_name=task.metric_name)
     if not config.keep_checkpoints:
         shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
@@ -492,7 +509,7 @@ def report(built: BuiltTrainer, times: RunTimes, final: dict[str, Any], adapter_
 
 def _task_options_for_manifest(prepared: Prepared) -> dict[str, Any]:
     """The task options to reload the run with: a label set read off the data (or given) is saved with it."""
-    options = dict(prepared.config.task_options)
+    options = absolute_paths(dict(prepared.config.task_options), validation.path_options())  # eval from anywhere
     if prepared.label_names is not None and (prepared.labels_from_data or "label_names" in options):
         options["label_names"] = prepared.label_names
     return {k: v for k, v in options.items() if v is not None}
@@ -519,32 +536,21 @@ def __getattr__(name):  # the Trainer subclass, without importing transformers w
     raise AttributeError(name)
 
 
-def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
-    """A recipe YAML: the same keys as the CLI flags (``lr``, ``epochs``, ``r``, ...)."""
-    import yaml
+def config_from_options(options: dict[str, Any], *, sources: dict[str, str] | None = None) -> TrainConfig:
+    """Route flat option names (CLI or recipe) into a TrainConfig: method and task options included.
 
-    path = Path(path)
-    if not path.is_file():
-        raise PeftlabError(f"Recipe '{path}' does not exist.")
-    try:
-        payload = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark else ""
-        raise PeftlabError(f"Recipe '{path}'{where}: invalid YAML ({getattr(error, 'problem', error)}).") from None
-    if not isinstance(payload, dict):
-        raise PeftlabError(f"Recipe '{path}' must be a mapping of option names to values.")
-    return {str(k).replace("-", "_"): v for k, v in payload.items()}
-
-
-def config_from_options(options: dict[str, Any]) -> TrainConfig:
-    """Route flat option names (CLI or recipe) into a TrainConfig: method and task options included."""
+    Every value is typed and checked against its declared limits first (``peftlab.validation``);
+    ``sources``: option name -> the recipe file it came from, named in the error."""
     from peftlab.methods import get_method_class
 
     options = {k.replace("-", "_"): v for k, v in options.items() if v is not None}
+    sources = {k.replace("-", "_"): v for k, v in (sources or {}).items()}
+    options = validation.check_train_values(options, sources)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     method_name = options.get("method", TrainConfig.method)
-    method_fields = {f.name for f in get_method_class(method_name).option_fields()}
+    method_class = get_method_class(method_name)
+    options = validation.check_method_values(method_class, options, sources)
+    method_fields = {f.name for f in method_class.option_fields()}
     task_keys = {"train_file", "dev_file", "text_column", "text_pair_column", "label_column", "label_names",
                  "regression"}
     values: dict[str, Any] = {"method_options": dict(options.pop("method_options", {}) or {}),
