@@ -229,7 +229,15 @@ def cmd_compare(args, extra):
 def cmd_merge(args, extra):
     from peftlab.merge import merge
 
-    merge(args.adapter, args.output, samples=args.samples, tolerance=args.tolerance, overwrite=args.overwrite)
+    merge(args.adapter, args.output, samples=args.samples, tolerance=args.tolerance, overwrite=args.overwrite,
+          push=args.push, private=args.private)
+    return 0
+
+
+def cmd_push(args, extra):
+    from peftlab.hub import push
+
+    push(args.adapter, args.repo, private=args.private)
     return 0
 
 
@@ -349,7 +357,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, set[str]]]:
     sub.add_argument("--tolerance", type=float, default=1e-4,
                      help="largest allowed |merged - unmerged| output, relative to the largest |output| (at least 1)")
     sub.add_argument("--overwrite", action="store_true", help="replace an earlier `peftlab merge` output at --output")
+    sub.add_argument("--push", metavar="ORG/NAME", default=None,
+                     help="then upload the merged model and its card to this Hugging Face Hub repository")
+    sub.add_argument("--private", action="store_true", help="with --push: create the repository as private")
     sub.set_defaults(handler=cmd_merge)
+
+    sub = commands.add_parser("push", help="upload an adapter (or a merged model) with its model card to the Hub")
+    sub.add_argument("--adapter", required=True, help="a train --output folder, a peft adapter folder or a merge output")
+    sub.add_argument("--repo", required=True, metavar="ORG/NAME", help="the Hugging Face Hub repository")
+    sub.add_argument("--private", action="store_true", help="create the repository as private")
+    sub.set_defaults(handler=cmd_push)
 
     sub = commands.add_parser("export", help="export a merged model (or adapter) to ONNX")
     source = sub.add_mutually_exclusive_group(required=True)

@@ -219,10 +219,13 @@ def merged_model(loaded) -> Any:
 
 
 def merge(adapter: str | os.PathLike, output: str | os.PathLike, *, samples: int = 16, tolerance: float = 1e-4,
-          data_dir: str | None = None, quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
+          data_dir: str | None = None, quiet: bool = False, overwrite: bool = False, push: str | None = None,
+          private: bool = False) -> dict[str, Any]:
     """Merge ``adapter`` (a ``peftlab train`` folder or a peft adapter folder) into a standalone model at
     ``output``; verify it against the unmerged model; return (and write) the report. An earlier merge output
-    at ``output`` is replaced only with ``overwrite``."""
+    at ``output`` is replaced only with ``overwrite``. The output gets a model card (README.md); ``push``
+    (``ORG/NAME``) uploads it to the Hugging Face Hub afterwards (checked before any work: offline, it stops
+    at once)."""
     import torch
     import transformers
 
@@ -238,6 +241,11 @@ def merge(adapter: str | os.PathLike, output: str | os.PathLike, *, samples: int
         raise PeftlabError(f"--samples must be at least 1; got {samples}.")
     if not tolerance >= 0:
         raise PeftlabError(f"--tolerance must be a non-negative number; got {tolerance}.")
+    if push is not None:
+        from peftlab.hub import check_reachable, check_repo_id
+
+        check_repo_id(push, "--push")
+        check_reachable()
     source = Path(adapter).expanduser().resolve()
     out = prepare_output_folder(output, source=source, marker=REPORT_NAME, command="merge", overwrite=overwrite)
 
@@ -298,6 +306,7 @@ def merge(adapter: str | os.PathLike, output: str | os.PathLike, *, samples: int
             "transformers_version": transformers.__version__,
         }
         write_json(staging / REPORT_NAME, report)
+        write_card(staging, report)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
@@ -307,7 +316,23 @@ def merge(adapter: str | os.PathLike, output: str | os.PathLike, *, samples: int
     say(f"Verified on {len(records)} inputs ({sample_source}): max |merged - unmerged| = {difference:.3g} "
         f"(allowed {allowed:.3g}: tolerance {tolerance:g} x largest |output| {scale:.3g}).")
     say(f"Load it with: transformers.{report['auto_class']}.from_pretrained('{out}')")
+    if push is not None:
+        from peftlab.hub import push as push_to_hub
+
+        report["pushed_to"] = push_to_hub(out, push, private=private, quiet=quiet)
     return report
+
+
+def write_card(folder: Path, report: dict[str, Any]) -> None:
+    """The merged model's README.md (Hub metadata, dev metrics of the source run, how to load it). A card that
+    cannot be written is a warning: the merged weights are what was asked for."""
+    from peftlab.modelcard import write_merged_card
+
+    try:
+        write_merged_card(folder, report)
+    except Exception as error:  # noqa: BLE001
+        print(f"warning: no model card written ({type(error).__name__}: {str(error)[:200]})", file=sys.stderr,
+              flush=True)
 
 
 def read_merge_report(folder: str | os.PathLike) -> dict[str, Any] | None:
