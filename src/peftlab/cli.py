@@ -138,6 +138,7 @@ def cmd_train(args, extra):
     options = _collect(args, extra, sources)
     config = config_from_options(options, sources=sources)  # every value checked before any work
     check_model_limits(config)
+    quiet_libraries()  # imports transformers and datasets: after the checks, so that mistakes answer at once
     nproc = getattr(args, "nproc", None)
     if getattr(args, "dry_run", False):
         from peftlab.dryrun import dry_run
@@ -211,16 +212,22 @@ def cmd_methods(args, extra):
 
 def cmd_compare(args, extra):
     from peftlab.artifacts import check_comparison_folder
-    from peftlab.compare import compare
     from peftlab.report import PLOTS
     from peftlab.training import TrainConfig
-    from peftlab.validation import check_train_values
+    from peftlab.methods import get_method_class, parse_methods
+    from peftlab.validation import check_method_values, check_train_values
 
     sources: dict[str, str] = {}
     options = _collect(args, extra | {"methods", "repeats", "output", "resume", "isolate", "overwrite"}, sources)
     options = check_train_values(options, sources)  # the recipe's file and key named, before any work
+    chosen = options.get("methods") if args.methods == "all" and options.get("methods") else args.methods
+    for name in parse_methods(chosen if isinstance(chosen, list) else str(chosen)):
+        check_method_values(get_method_class(name), options, sources)  # each compared method's own options
     output = args.output or f"runs/compare-{options.get('task', TrainConfig.task)}"
     check_comparison_folder(output, overwrite=bool(args.overwrite), plots=[name for name, _ in PLOTS.values()])
+    quiet_libraries()
+    from peftlab.compare import compare
+
     compare(methods=args.methods, output=output, repeats=args.repeats, resume=bool(args.resume),
             train_options=options, isolate=args.isolate)
     return 0
@@ -429,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
         parser, structural = build_parser()
         args = parser.parse_args(argv)
         args.argv = argv
-        quiet_libraries()
+        if args.handler not in (cmd_train, cmd_compare):  # those quieten after checking their options
+            quiet_libraries()
         return int(args.handler(args, structural.get(args.command, {"command", "handler"}) | {"argv"}) or 0)
     except PeftlabError as error:
         print(f"peftlab: error: {error}", file=sys.stderr)

@@ -117,7 +117,10 @@ def evaluate(adapter: str | Path, *, task: str | None = None, data_dir: str | No
     from peftlab.preprocess import tokenize
     from peftlab.tasks.base import select
 
-    loaded = loaded or load_trained(adapter)
+    if loaded is None:  # the task and its files checked before the model loads
+        checked = checked_adapter(adapter)
+        task_for_manifest(checked.manifest, task, task_options, run_dir=checked.folder if checked.from_run else None)
+        loaded = load_trained(adapter)
     task_object = task_for_manifest(loaded.manifest, task, task_options, run_dir=loaded.run_dir)
     data_dir = data_dir_for(loaded.manifest, data_dir)
     if task_object.kind != loaded.kind:

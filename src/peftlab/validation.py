@@ -291,7 +291,10 @@ def path_options() -> tuple[str, ...]:
 
 
 def identity_changes(started: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """'name old -> new' for every option that differs (options the start did not record are not compared)."""
+    """'name old -> new' for every option that differs (options the start did not record are not compared);
+    another method is named alone (its options and learning rate differ as a matter of course)."""
+    if "method" in started and started.get("method") != now.get("method"):
+        return [f"method {started['method']!r} -> {now.get('method')!r}"]
     changes = []
     for key in started:
         if key in now and started[key] != now[key]:
