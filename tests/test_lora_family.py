@@ -28,33 +28,10 @@ import tiny  # noqa: E402
 from peftlab.errors import PeftlabError  # noqa: E402
 from peftlab.methods import get_method, get_method_class  # noqa: E402
 from peftlab.methods.base import GUIDE_TASK_TYPES, GuideSituation, count_parameters  # noqa: E402
+from test_peft_methods import logits, single_thread, train  # noqa: E402,F401 (single_thread: autouse fixture)
 
 NEW_METHODS = ["dora", "adalora", "vera", "loha", "lokr", "oft"]
 CONVERTED_ATOL = 1e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def logits(model, batch):
-    model.eval()
-    with torch.no_grad():
-        return model(**batch).logits.float()
-
-
-def train(model, batch, steps=3, lr=1e-2):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    model.train()
-    for _ in range(steps):
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
 
 
 # ---- PiSSA / OLoRA -------------------------------------------------------------------------------
@@ -75,7 +52,7 @@ def test_base_changing_init_saves_a_lora_for_the_original_base(init, use_dora, b
                     if "base_layer.weight" in name and not torch.equal(p, untouched[name.replace(".base_layer", "")])]
     assert base_changed, f"{init} left every base weight as it was"
     batch = tiny.batch_for(model, kind)
-    train(model, batch)
+    train(model, batch, steps=3)
     expected = logits(model, batch)
     assert count_parameters(model)[0] == method.trainable_parameters_formula(model, kind)
 

@@ -33,8 +33,8 @@ class DoRA(LoRA):
     summary = "LoRA on the direction of each weight plus a trained magnitude per output column"
     Options = DoRAOptions
     guide = {
-        "classification": (2.0, "LoRA-level accuracy with a trained magnitude; its gains are reported on LLaMA "
-                                "commonsense reasoning, not measured above LoRA here (Liu et al. 2024)"),
+        "classification": (2.0, "LoRA plus a trained magnitude: 0.820 against LoRA's 0.814 on minilm + SST-2 here "
+                                "(one seed), training slower; its paper's gains are on LLaMA (Liu et al. 2024)"),
         "ner": (2.0, "low-rank direction updates in every layer like LoRA, at a higher training cost"),
         "qa": (2.0, "low-rank direction updates in every layer like LoRA, at a higher training cost"),
         "generation": (3.0, "beats LoRA at the same rank on LLaMA commonsense reasoning and instruction tuning "

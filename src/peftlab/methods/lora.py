@@ -65,7 +65,8 @@ class LoRAOptions(BaseOptions):
                    "(principal singular vectors of W, Meng et al. 2024) or 'olora' (QR of W, Büyükakyüz 2024). "
                    "pissa/olora train on the residual of W; the saved adapter is converted to a plain LoRA of "
                    "rank 2r that loads on the original base.", choices=tuple(INITS))
-    # 0 = off (plain LoRA). Hayou et al. 2024 recommend 2^4 = 16 for language models when it is on.
+    # 0 = off (plain LoRA). Hayou et al. 2024 recommend 2^4 = 16 for language models when it is on, with a lower base
+    # rate: measured at 16 on minilm + SST-2 (2,000 x 3 epochs): 0.752 (lr 2e-3), 0.814 (1e-3), 0.797 (5e-4).
     loraplus_lr_ratio: float = option(
         0.0, "LoRA+ (Hayou et al. 2024): train B at this many times A's learning rate (the paper: 16); 0 = off.")
 

@@ -47,8 +47,8 @@ class OFT(LayerTuner):
     target_mapping = "TRANSFORMERS_MODELS_TO_OFT_TARGET_MODULES_MAPPING"
     wraps_conv1d = False
     guide = {
-        "classification": (1.0, "rotations that keep the pretrained neurons' angles; evaluated on diffusion models "
-                                "and, in OFT v2, LLM fine-tuning (Qiu et al. 2023, 2025): judge it by the table measured here"),
+        "classification": (2.0, "rotations that keep the pretrained neurons' angles: 0.820 against LoRA's 0.814 on "
+                                "minilm + SST-2 here (one seed); papers on diffusion and LLMs (Qiu et al. 2023, 2025)"),
         "ner": (1.0, "no token-level results in its papers"),
         "qa": (1.0, "no span-extraction results in its papers"),
         "generation": (1.5, "OFT v2 fine-tunes LLMs at LoRA-like cost (Qiu et al. 2025)"),
