@@ -148,7 +148,7 @@ def test_concurrent_requests_for_different_adapters(server, reference):
     assert not errors
     for (name, _), labels in results.items():
         assert labels == [r["label"] for r in reference[name]]
-    metrics = client.get("/metrics").json()
+    metrics = client.get("/v1/stats").json()
     assert metrics["batching"]["batches"] >= 1 and metrics["batching"]["rows"] >= 12 * len(TEXTS)
 
 
@@ -176,7 +176,7 @@ def test_requests_for_two_lora_adapters_share_one_forward(server, runs, tmp_path
         expected = {"lora": predict(load_trained(runs["lora"], device="cpu"), TEXTS),
                     "lora-b": predict(load_trained(other, device="cpu"), TEXTS)}
         assert expected["lora"][0]["probabilities"] != pytest.approx(expected["lora-b"][0]["probabilities"])
-        before = client.get("/metrics").json()["batching"]["mixed_adapter_batches"]
+        before = client.get("/v1/stats").json()["batching"]["mixed_adapter_batches"]
         gate = threading.Event()
         engine._queue.put(Control(lambda: gate.wait(30)))  # hold the worker so both requests queue up
         answers: dict[str, list] = {}
@@ -193,7 +193,7 @@ def test_requests_for_two_lora_adapters_share_one_forward(server, runs, tmp_path
         gate.set()
         for thread in threads:
             thread.join(timeout=60)
-        assert client.get("/metrics").json()["batching"]["mixed_adapter_batches"] == before + 1
+        assert client.get("/v1/stats").json()["batching"]["mixed_adapter_batches"] == before + 1
         for name in ("lora", "lora-b"):
             for got, reference in zip(answers[name], expected[name]):
                 assert got["label"] == reference["label"]
@@ -206,7 +206,7 @@ def test_requests_for_two_lora_adapters_share_one_forward(server, runs, tmp_path
 def test_metrics_per_adapter(server):
     client, _ = server
     post(client, "/v1/predict", {"adapter": "lora", "inputs": ["fine"]})
-    metrics = client.get("/metrics").json()
+    metrics = client.get("/v1/stats").json()
     lora = metrics["adapters"]["lora"]
     assert lora["requests"] >= 1 and lora["inputs"] >= 1
     assert {"p50", "p95", "p99"} <= set(lora["latency_ms"]) and lora["latency_ms"]["p50"] > 0
@@ -396,7 +396,7 @@ def test_server_keeps_serving_after_bad_requests(server):
     client.post("/v1/predict", content="{{{", headers={"content-type": "application/json"})
     assert client.get("/health").status_code == 200
     assert post(client, "/v1/predict", {"adapter": "ia3", "inputs": ["good"]}).status_code == 200
-    assert client.get("/metrics").json()["errors"] >= 1
+    assert client.get("/v1/stats").json()["errors"] >= 1
 
 
 # ---- refused adapter folders --------------------------------------------------------------------------------

@@ -119,7 +119,8 @@ def serve(base: str, adapters: dict[str, str] | None = None, host: str = "127.0.
                      stop_engine_on_shutdown=True)
     access = "API key required" if keys else "no API key"
     print(f"peftlab serve: base '{base}', {len(engine.names())} adapter(s), http://{host}:{port} "
-          f"(POST /v1/predict, /v1/generate; GET /v1/adapters, /health, /metrics; {access}"
+          f"(POST /v1/predict, /v1/generate, OpenAI's /v1/completions and /v1/chat/completions; GET /v1/adapters, "
+          f"/v1/models, /v1/stats, /health, /metrics (Prometheus); {access}"
           f"{'; admin: POST/DELETE /v1/adapters' if admin else ''}{'; /docs' if docs else ''})",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

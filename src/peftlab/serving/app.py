@@ -10,7 +10,12 @@
                            409 name taken; 422 refused, with the reason)
 ``DELETE /v1/adapters/X``  unloads X (only with ``admin``; requests already accepted for X still complete)
 ``GET /health``            liveness (503 when the inference worker is not running)
-``GET /metrics``           requests, errors, inputs and latency p50/p95/p99 (ms) per adapter, batching
+``GET /metrics``           Prometheus text format: requests by adapter and status, latency histograms,
+                           queue depth, batch sizes, loaded adapters (``serving/metrics.py``)
+``GET /v1/stats``          JSON: requests, errors, inputs and latency p50/p95/p99 (ms) per adapter, batching
+``GET /v1/models``         OpenAI-compatible (``serving/openai.py``): the base (if generative) and the
+``POST /v1/completions``   generative adapters as models; completions and chat completions with an
+``POST /v1/chat/...``      adapter named as the ``model``, streamed as server-sent events on request
 =========================  ===========================================================================
 
 Access: with ``api_keys``, every request but ``GET /health`` needs ``Authorization: Bearer <key>`` (401
@@ -21,7 +26,8 @@ missing gets the very answer a forbidden one gets. ``/docs``, ``/redoc`` and ``/
 with ``docs``. No answer contains a server path. ``peftlab serve`` refuses ``--admin`` without a key;
 ``create_app(admin=True)`` without keys is for in-process use (tests, notebooks).
 
-Every error is JSON ``{"error": "<one sentence>", ...}``, framework-level ones included: 400 malformed
+Every error is JSON ``{"error": "<one sentence>", ...}`` (on the OpenAI routes, OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``), framework-level ones included: 400 malformed
 JSON or body, 401 no or wrong key, 404 unknown adapter (with the loaded names) or route, 405 wrong
 method, 409 name taken, 413 too many / too long inputs or body, 422 invalid fields or input shapes
 (including text that is not valid Unicode) or a refused adapter folder, 503 queue full, 500 unexpected
@@ -46,6 +52,7 @@ from peftlab.errors import PeftlabError
 from peftlab.kinds import TaskKind
 from peftlab.serving.adapters import NotFoundOrNotAllowed, locate
 from peftlab.serving.engine import AdapterConflict, AdapterGone, Engine, Job, Overloaded, UnknownAdapter
+from peftlab.serving.openai import OpenAIError, add_routes, error_body, is_openai_path
 
 MAX_INPUTS = 64
 MAX_CHARS = 4000  # per input text (tokens beyond the adapter's max_length are truncated, as in training)
@@ -108,46 +115,59 @@ def create_app(engine: Engine, *, api_keys: list[str] | tuple[str, ...] = (), ad
                   openapi_url="/openapi.json" if docs else None)
     app.state.engine = engine
 
+    def answer(request, status: int, message: str, headers=None, *, param=None, code=None, **extra):
+        """The error in the shape the route's clients expect: OpenAI's on the OpenAI routes, ours elsewhere."""
+        if is_openai_path(request.url.path):
+            return error_response(status, message, headers=headers, openai=(param, code))
+        return error_response(status, message, headers=headers, **extra)
+
     @app.exception_handler(ApiError)
-    async def _api_error(_request, error: ApiError):
-        return error_response(error.status, error.message, **error.extra)
+    async def _api_error(request, error: ApiError):
+        return answer(request, error.status, error.message, **error.extra)
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(request, error: OpenAIError):
+        return answer(request, error.status, error.message, param=error.param, code=error.code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, error: StarletteHTTPException):
-        return error_response(error.status_code, _http_message(error.status_code, request), headers=error.headers)
+        return answer(request, error.status_code, _http_message(error.status_code, request), headers=error.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_request, error: RequestValidationError):
+    async def _invalid(request, error: RequestValidationError):
         problems = error.errors()
         if any(p.get("type") == "json_invalid" for p in problems):
             where = next((p.get("ctx", {}).get("error") for p in problems if p.get("type") == "json_invalid"), "")
-            return error_response(400, f"Malformed JSON body{': ' + str(where) if where else ''}.")
+            return answer(request, 400, f"Malformed JSON body{': ' + str(where) if where else ''}.")
         described = []
         for problem in problems:
             location = ".".join(str(part) for part in problem.get("loc", ()) if part != "body")
             described.append(f"{location or 'body'}: {problem.get('msg')}")
-        return error_response(422, "Invalid request: " + "; ".join(described[:5]) + ".")
+        first = ".".join(str(part) for part in problems[0].get("loc", ()) if part != "body") if problems else None
+        # OpenAI answers an invalid parameter with 400 naming it; peftlab's own routes with 422
+        return answer(request, 400 if is_openai_path(request.url.path) else 422,
+                      "Invalid request: " + "; ".join(described[:5]) + ".", param=first or None, code="invalid_value")
 
     @app.exception_handler(Exception)
-    async def _unexpected(_request, error: Exception):  # pragma: no cover - the last line of defence
-        return error_response(500, f"Internal error: {type(error).__name__}: {str(error)[:300]}")
+    async def _unexpected(request, error: Exception):  # pragma: no cover - the last line of defence
+        return answer(request, 500, f"Internal error: {type(error).__name__}: {str(error)[:300]}")
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
         request.state.authenticated = not digests or _authorized(request.headers.get("authorization"), digests)
         if not request.state.authenticated and request.url.path not in public_paths:
             wrong = bool(request.headers.get("authorization"))
-            return error_response(401, "A valid API key is required: send the header 'Authorization: Bearer <key>'.",
-                                  headers={"WWW-Authenticate": 'Bearer realm="peftlab"' +
-                                           (', error="invalid_token"' if wrong else "")})
+            return answer(request, 401, "A valid API key is required: send the header 'Authorization: Bearer <key>'.",
+                          headers={"WWW-Authenticate": 'Bearer realm="peftlab"' +
+                                   (', error="invalid_token"' if wrong else "")}, code="invalid_api_key")
         length = request.headers.get("content-length")
         if length is not None:
             try:
                 too_big = int(length) > max_body_bytes
             except ValueError:
-                return error_response(400, "Invalid Content-Length header.")
+                return answer(request, 400, "Invalid Content-Length header.")
             if too_big:
-                return error_response(413, f"Request body of {length} bytes is over the limit of {max_body_bytes}.")
+                return answer(request, 413, f"Request body of {length} bytes is over the limit of {max_body_bytes}.")
         return await call_next(request)
 
     def check_inputs(inputs: list[Any]) -> None:
@@ -167,7 +187,7 @@ def create_app(engine: Engine, *, api_keys: list[str] | tuple[str, ...] = (), ad
             raise ApiError(422, "The adapter name is not valid Unicode (a lone surrogate): send UTF-8 text.")
         started = time.perf_counter()
         name = body.adapter
-        failed = True
+        failed, status = True, 500
         try:
             try:
                 entry = engine.entry(name)
@@ -196,10 +216,14 @@ def create_app(engine: Engine, *, api_keys: list[str] | tuple[str, ...] = (), ad
             except Exception as error:  # noqa: BLE001
                 raise ApiError(500, f"Inference failed for adapter '{name}': {type(error).__name__}: "
                                     f"{str(error)[:300]}") from None
-            failed = False
+            failed, status = False, 200
             return dict(adapter=name, outputs=outputs)  # the API's field, not the method of that name
+        except ApiError as error:
+            status = error.status
+            raise
         finally:
-            engine.record(name, (time.perf_counter() - started) * 1000.0, len(body.inputs), failed)
+            engine.record(name, (time.perf_counter() - started) * 1000.0, len(body.inputs), failed, endpoint=op,
+                          status=status)
 
     @app.post("/v1/predict")
     async def predict(body: PredictRequest):
@@ -249,19 +273,33 @@ def create_app(engine: Engine, *, api_keys: list[str] | tuple[str, ...] = (), ad
             raise ApiError(503, "The inference worker is not running.", **info)
         return info
 
-    @app.get("/metrics")
-    async def metrics():
+    @app.get("/v1/stats")
+    async def stats():
         return engine.metrics()
 
+    @app.get("/metrics")
+    async def metrics():
+        from starlette.responses import Response
+
+        if engine.prometheus is None:
+            raise ApiError(503, "GET /metrics needs prometheus-client: pip install 'peftlab[serve]' (the JSON "
+                                "summary is at GET /v1/stats).")
+        body, content_type = engine.prometheus.exposition()
+        return Response(body, media_type=content_type)
+
+    add_routes(app, engine, max_chars=max_chars, max_new_tokens=MAX_NEW_TOKENS, valid_text=_valid_unicode)
     return app
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None, **extra):
+def error_response(status: int, message: str, headers: dict[str, str] | None = None,
+                   openai: tuple[str | None, str | None] | None = None, **extra):
     """``{"error": message, **extra}`` with any server path removed; ASCII JSON, so text that is not valid
-    Unicode (a lone surrogate echoed from a request) can never break the response."""
+    Unicode (a lone surrogate echoed from a request) can never break the response. ``openai``: (param, code)
+    for OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``."""
     from starlette.responses import Response
 
-    payload = {"error": _PATH.sub("<path>", message), **extra}
+    cleaned = _PATH.sub("<path>", message)
+    payload = error_body(status, cleaned, *openai) if openai is not None else {"error": cleaned, **extra}
     body = json.dumps(payload, ensure_ascii=True, separators=(",", ":")).encode("ascii")
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 

@@ -38,8 +38,8 @@ from peftlab.errors import PeftlabError
 from peftlab.kinds import TaskKind
 from peftlab.serving.adapters import AdapterSpec, check_name, inspect_adapter, redact
 from peftlab.serving.loading import JoinFailed, Loader, first_line
-from peftlab.serving.records import (AdapterConflict, AdapterEntry, AdapterGone, Control, Job, LatencyStats,  # noqa: F401
-                                     Overloaded, Slot, UnknownAdapter)
+from peftlab.serving.records import (AdapterConflict, AdapterEntry, AdapterGone, BaseModelEntry, Control,  # noqa: F401
+                                     Job, LatencyStats, Overloaded, Slot, UnknownAdapter)
 from peftlab.serving.worker import Worker
 
 
@@ -76,7 +76,12 @@ class Engine:
         self._totals = LatencyStats()
         self._loader = Loader(base, self.base_config, device)
         self.started_at = time.time()
-        self._worker = Worker(max_batch_rows=self.max_batch_rows, queue_size=queue_size, device=device)
+        from peftlab.serving import metrics
+
+        self.prometheus = metrics.ServingMetrics(self._scrape_state) if metrics.available() else None
+        self._base_entry: BaseModelEntry | None = None
+        self._worker = Worker(max_batch_rows=self.max_batch_rows, queue_size=queue_size, device=device,
+                              on_batch=self.prometheus.record_batch if self.prometheus else None)
         self._queue = self._worker.queue
         self.model_lock = self._worker.model_lock  # held for every forward and every change to a live model
 
@@ -200,11 +205,56 @@ class Engine:
     def run_control(self, function: Callable[[], Any], timeout: float | None = 600) -> Any:
         return self._worker.run_control(function, timeout)
 
-    def record(self, name: str | None, milliseconds: float, inputs: int, error: bool) -> None:
+    def record(self, name: str | None, milliseconds: float, inputs: int, error: bool, *, endpoint: str = "predict",
+               status: int | None = None) -> None:
+        """Count a finished request (JSON stats and Prometheus); ``name`` counts only if it is loaded (or the base)."""
         with self._registry_lock:
             self._totals.record(milliseconds, inputs, error)
-            if name is not None and (name in self._stats or name in self._adapters):
+            known = name is not None and (name in self._stats or name in self._adapters or name == self.base_display)
+            if known:
                 self._stats.setdefault(name, LatencyStats()).record(milliseconds, inputs, error)
+        if self.prometheus is not None:
+            from peftlab.serving.metrics import UNKNOWN
+
+            self.prometheus.record_request(name if known else UNKNOWN, endpoint,
+                                           status if status is not None else (500 if error else 200),
+                                           milliseconds / 1000.0, inputs)
+
+    def _scrape_state(self) -> dict[str, Any]:
+        return {"queue_depth": self._queue.qsize(), "adapters": self.adapters(), "alive": self.alive,
+                "started_at": self.started_at}
+
+    # ---- the base model itself (OpenAI requests naming the base) ------------------------------------------
+    @property
+    def base_kind(self) -> TaskKind | None:
+        """causal-lm or seq2seq when the base checkpoint is a generative model, else None."""
+        from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                            MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+
+        architectures = set(getattr(self.base_config, "architectures", None) or [])
+        if architectures & set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
+            return TaskKind.CAUSAL_LM
+        if architectures & set(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.values()):
+            return TaskKind.SEQ2SEQ
+        return None
+
+    def base_entry(self) -> BaseModelEntry:
+        """The base model as a generation target (loaded on first use; shares the base weights)."""
+        kind = self.base_kind
+        if kind is None:
+            raise PeftlabError(f"The base model '{self.base_display}' is not a generative model: name a generative "
+                               "adapter instead.")
+        with self._registry_lock:
+            if self._base_entry is not None:
+                return self._base_entry
+        model = self._loader.skeleton(kind, None, None, False)
+        slot = Slot(id=f"base-{kind}", key=("base", str(kind)), kind=kind, model=model, peft_type=None)
+        entry = BaseModelEntry(name=self.base_display, kind=kind, slot=slot,
+                               generation_tokenizer=copy.deepcopy(self.tokenizer))
+        with self._registry_lock:
+            self._base_entry = self._base_entry or entry
+            self._stats.setdefault(self.base_display, LatencyStats())
+            return self._base_entry
 
     def metrics(self) -> dict[str, Any]:
         with self._registry_lock:

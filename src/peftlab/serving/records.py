@@ -89,12 +89,26 @@ class AdapterEntry:
 
 
 @dataclass
+class BaseModelEntry:
+    """The base model itself, for OpenAI requests whose ``model`` is the base's name (no adapter)."""
+
+    name: str
+    kind: str
+    slot: Slot
+    generation_tokenizer: Any
+    max_length: int | None = None
+    internal: str = ""
+    unloaded: bool = False
+
+
+@dataclass
 class Job:
-    entry: AdapterEntry
-    op: str  # "predict" | "generate"
-    records: list[dict]  # normalised inputs (peftlab.kinds.TaskKind.record_from_input)
+    entry: AdapterEntry | BaseModelEntry
+    op: str  # "predict" | "generate" | "complete" (OpenAI: one prompt, sampled, maybe streamed)
+    records: list[dict]  # normalised inputs (peftlab.kinds.TaskKind.record_from_input); "complete": [{"prompt"}]
     raw: list[Any]
     max_new_tokens: int = 32
+    sampling: Any = None  # "complete": a peftlab.serving.generation.Sampling
     future: Future = field(default_factory=Future)
 
     @property

@@ -21,9 +21,11 @@ from peftlab.serving.records import STOP, AdapterGone, Control, Job, Overloaded,
 
 
 class Worker:
-    def __init__(self, *, max_batch_rows: int, queue_size: int, device: str):
+    def __init__(self, *, max_batch_rows: int, queue_size: int, device: str,
+                 on_batch: Callable[[int, bool], None] | None = None):
         self.max_batch_rows = max(1, int(max_batch_rows))
         self.device = device
+        self.on_batch = on_batch  # told the rows of every forward (the Prometheus histogram)
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, int(queue_size)))
         self.model_lock = threading.RLock()  # held for every forward and every change to a live model
         self._stats_lock = threading.Lock()
@@ -107,7 +109,9 @@ class Worker:
         for jobs in groups.values():
             try:
                 with self.model_lock:
-                    if jobs[0].op == "generate":
+                    if jobs[0].op == "complete":
+                        self._complete(jobs)
+                    elif jobs[0].op == "generate":
                         self._generate(jobs)
                     else:
                         self._predict(jobs)
@@ -123,6 +127,8 @@ class Worker:
             self._batches["max_rows"] = max(self._batches["max_rows"], rows)
             if mixed:
                 self._batches["mixed_adapter_batches"] += 1
+        if self.on_batch is not None:
+            self.on_batch(rows, mixed)
 
     # ---- classification and tagging -------------------------------------------------------------------
     def _predict(self, jobs: list[Job]) -> None:
@@ -208,6 +214,25 @@ class Worker:
                 for job in members:
                     if not job.future.done():
                         job.future.set_exception(error)
+
+
+    # ---- OpenAI completions: one prompt per job, sampled, maybe streamed ----------------------------------
+    def _complete(self, jobs: list[Job]) -> None:
+        from peftlab.serving.generation import complete
+
+        for job in jobs:
+            entry = job.entry
+            try:
+                if entry.slot.is_peft:
+                    activate(entry.slot.model, entry.internal)
+                result = complete(entry.slot.model, entry.generation_tokenizer, job.records[0]["prompt"],
+                                  job.sampling, device=self.device,
+                                  decoder_only=TaskKind(entry.kind) is TaskKind.CAUSAL_LM)
+                self._count_batch(1, False)
+                job.future.set_result(result)
+            except BaseException as error:  # noqa: BLE001
+                if not job.future.done():
+                    job.future.set_exception(error)
 
 
 def _run_control(control: Control) -> None:
