@@ -549,7 +549,9 @@ def config_from_options(options: dict[str, Any], *, sources: dict[str, str] | No
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     method_name = options.get("method", TrainConfig.method)
     method_class = get_method_class(method_name)
-    options = validation.check_method_values(method_class, options, sources)
+    # the method's options among the rest (a TrainConfig name, such as gradient_checkpointing, stays TrainConfig's)
+    options.update(validation.check_method_values(
+        method_class, {k: v for k, v in options.items() if k not in fields}, sources))
     method_fields = {f.name for f in method_class.option_fields()}
     task_keys = {"train_file", "dev_file", "text_column", "text_pair_column", "label_column", "label_names",
                  "regression"}
