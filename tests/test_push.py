@@ -171,3 +171,39 @@ def test_a_merged_model_gets_a_card(world, tmp_path):
     report = json.loads((staged / "peftlab_merge.json").read_text())
     assert str(tmp_path) not in json.dumps(report)  # no local paths go to the Hub
     assert "me/merged" in (staged / "README.md").read_text()
+
+
+def test_serve_loads_a_pushed_adapter_by_repo_id(world, tmp_path, monkeypatch):
+    """serve --adapter NAME=ORG/NAME: the pushed layout, fetched (a stand-in for snapshot_download), served."""
+    import shutil
+
+    import huggingface_hub
+
+    from peftlab.adapter_check import check_adapter
+    from peftlab.serving import build
+
+    base, run = world
+    hub_copy = hub.stage(check_adapter(run), tmp_path / "on-the-hub", "me/lora-tiny")
+    fetched = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, local_dir=None, **_):
+        fetched.append(repo_id)
+        shutil.copytree(hub_copy, local_dir, dirs_exist_ok=True)
+        return local_dir
+
+    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    engine = build(str(base), {"tiny": "me/lora-tiny"})
+    try:
+        (info,) = engine.adapters()
+        assert fetched == ["me/lora-tiny"] and info["name"] == "tiny" and info["labels"] == ["neg", "pos"]
+    finally:
+        engine.stop()
+
+
+def test_serve_with_an_unreachable_repo_id_is_one_sentence(world, monkeypatch, capsys):
+    base, _ = world
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["serve", "--base", str(base), "--adapter", "x=me/not-here-at-all"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "me/not-here-at-all" in error and "HF_HUB_OFFLINE" in error

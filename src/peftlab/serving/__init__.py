@@ -22,13 +22,15 @@ API_KEY_ENV = "PEFTLAB_API_KEY"
 
 
 def build(base: str, adapters: dict[str, str] | None = None, **engine_options):
-    """An :class:`Engine` with ``adapters`` loaded; any refused adapter stops it with the reason."""
+    """An :class:`Engine` with ``adapters`` loaded (folders, or Hub ids ``org/name``); any refused adapter stops
+    it with the reason."""
+    from peftlab.serving.adapters import startup_folder
     from peftlab.serving.engine import Engine
 
     engine = Engine(base, **engine_options)
     try:
         for name, path in (adapters or {}).items():
-            info = engine.add_adapter(name, path)
+            info = engine.add_adapter(name, startup_folder(name, str(path)))
             print(f"loaded adapter '{name}': {info['method']} · {info['kind']} · task {info['task']} · "
                   f"group {info['group']}", flush=True)
     except BaseException:
