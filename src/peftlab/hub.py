@@ -161,4 +161,33 @@ def upload(folder: Path, repo_id: str, *, private: bool, token: str | None, comm
     return str(getattr(url, "url", url) or f"{endpoint()}/{repo_id}")
 
 
-__all__ = ["push", "stage", "upload", "check_repo_id", "check_reachable", "endpoint"]
+# ---- loading back by repo id ------------------------------------------------------------------------------
+
+def download(repo_id: str) -> Path:
+    """The repository's configs and safetensors as plain files in peftlab's cache (``local_dir``: the Hub cache's
+    symlinks into its blob store would lead out of the folder, which the adapter check refuses)."""
+    from huggingface_hub import snapshot_download
+
+    from peftlab.models import cache_dir
+
+    target = cache_dir() / "hub-adapters" / repo_id.replace("/", "--")
+    return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"], local_dir=str(target)))
+
+
+def local_or_hub(value: str | os.PathLike, where: str = "--adapter") -> str:
+    """``value`` itself when it is a local folder (or not a Hub id); else the Hub repository ``org/name`` fetched
+    with :func:`download`, one sentence when it cannot be. Where a command takes an adapter folder, this makes a
+    repository id work too."""
+    text = str(value)
+    if os.path.isdir(os.path.expanduser(text)) or not REPO_ID.match(text):
+        return text
+    try:
+        return str(download(text))
+    except Exception as error:  # noqa: BLE001 - offline, missing, private: say which and what to do
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise PeftlabError(f"{where}: no such folder, and the Hub repository '{text}' could not be fetched "
+                           f"({reason}); check the name, the network (HF_HUB_OFFLINE) and HF_TOKEN for a private "
+                           "repository.") from None
+
+
+__all__ = ["push", "stage", "upload", "check_repo_id", "check_reachable", "endpoint", "download", "local_or_hub"]

@@ -144,35 +144,20 @@ def locate(requested: Any, *, root: str | os.PathLike | None, allow_hub: bool = 
 
 
 def _from_hub(repo_id: str) -> Path:
+    from peftlab.hub import download
+
     try:
         return download(repo_id)
     except Exception:  # noqa: BLE001 - missing, private, offline: all the same answer
         raise NotFoundOrNotAllowed() from None
 
 
-def download(repo_id: str) -> Path:
-    """The repository's configs and safetensors as plain files in peftlab's cache (``local_dir``: the Hub cache's
-    symlinks into its blob store would lead out of the folder, which the adapter check refuses)."""
-    from huggingface_hub import snapshot_download
-
-    from peftlab.models import cache_dir
-
-    target = cache_dir() / "served-adapters" / repo_id.replace("/", "--")
-    return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"], local_dir=str(target)))
-
-
 def startup_folder(name: str, value: str) -> str:
     """``serve --adapter NAME=VALUE``: a local folder as given, else a Hub id (``org/name``) fetched now (the
     operator's own choice, so no ``--allow-hub`` is needed); one sentence when it cannot be fetched."""
-    if os.path.isdir(os.path.expanduser(value)) or not HUB_ID.match(value):
-        return value
-    try:
-        return str(download(value))
-    except Exception as error:  # noqa: BLE001 - offline, missing, private: say which and what to do
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise PeftlabError(f"--adapter {name}={value}: no such folder, and the Hub repository '{value}' could not be "
-                           f"fetched ({reason}); check the name, the network (HF_HUB_OFFLINE) and HF_TOKEN for a "
-                           "private repository.") from None
+    from peftlab.hub import local_or_hub
+
+    return local_or_hub(value, f"--adapter {name}={value}")
 
 
 def redact(text: str, replacements: dict[str, str]) -> str:
@@ -188,6 +173,6 @@ def redact(text: str, replacements: dict[str, str]) -> str:
     return text
 
 
-__all__ = ["AdapterSpec", "check_name", "inspect_adapter", "locate", "download", "startup_folder",
+__all__ = ["AdapterSpec", "check_name", "inspect_adapter", "locate", "startup_folder",
            "NotFoundOrNotAllowed", "redact",
            "display_model", "NOT_FOUND_OR_NOT_ALLOWED"]
