@@ -57,25 +57,25 @@ def test_metrics_parse_and_count_what_happened(served):
     families = scrape(client)
     requests = families["peftlab_requests"]
     assert requests.type == "counter"
-    assert value(requests, "peftlab_requests_total", adapter="a", endpoint="predict", status="200") == 3
-    assert value(requests, "peftlab_requests_total", adapter="b", endpoint="predict", status="200") == 1
-    assert value(requests, "peftlab_requests_total", adapter="a", endpoint="predict", status="422") == 1
+    assert value(requests, "peftlab_requests_total", adapter_name="a", endpoint="predict", status="200") == 3
+    assert value(requests, "peftlab_requests_total", adapter_name="b", endpoint="predict", status="200") == 1
+    assert value(requests, "peftlab_requests_total", adapter_name="a", endpoint="predict", status="422") == 1
     # a name nobody loaded never becomes a label value
-    assert value(requests, "peftlab_requests_total", adapter="unknown", endpoint="predict", status="404") == 1
+    assert value(requests, "peftlab_requests_total", adapter_name="unknown", endpoint="predict", status="404") == 1
     assert not any("no-such-adapter" in str(s.labels) for f in families.values() for s in f.samples)
 
     latency = families["peftlab_request_duration_seconds"]
     assert latency.type == "histogram"
-    assert value(latency, "peftlab_request_duration_seconds_count", adapter="a", endpoint="predict") == 3
-    assert value(latency, "peftlab_request_duration_seconds_sum", adapter="a", endpoint="predict") > 0
-    assert value(latency, "peftlab_request_duration_seconds_bucket", adapter="a", endpoint="predict", le="+Inf") == 3
-    assert value(families["peftlab_request_inputs"], "peftlab_request_inputs_total", adapter="a") >= 6
+    assert value(latency, "peftlab_request_duration_seconds_count", adapter_name="a", endpoint="predict") == 3
+    assert value(latency, "peftlab_request_duration_seconds_sum", adapter_name="a", endpoint="predict") > 0
+    assert value(latency, "peftlab_request_duration_seconds_bucket", adapter_name="a", endpoint="predict", le="+Inf") == 3
+    assert value(families["peftlab_request_inputs"], "peftlab_request_inputs_total", adapter_name="a") >= 6
 
     batches = families["peftlab_batch_rows"]
     assert batches.type == "histogram" and value(batches, "peftlab_batch_rows_count") >= 4
     assert value(families["peftlab_queue_depth"], "peftlab_queue_depth") == 0
     assert value(families["peftlab_adapters_loaded"], "peftlab_adapters_loaded") == 2
-    assert value(families["peftlab_adapter_info"], "peftlab_adapter_info", adapter="a", method="lora",
+    assert value(families["peftlab_adapter_info"], "peftlab_adapter_info", adapter_name="a", method="lora",
                  kind="seq-cls") == 1
     assert value(families["peftlab_worker_up"], "peftlab_worker_up") == 1
     assert value(families["peftlab_uptime_seconds"], "peftlab_uptime_seconds") > 0

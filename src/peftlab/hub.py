@@ -81,7 +81,7 @@ def push(adapter: str | os.PathLike, repo_id: str, *, private: bool = False, tok
         folder = stage(checked, Path(staging) / "upload", repo_id)
         url = upload(folder, repo_id, private=private, token=token,
                      commit_message=commit_message or f"Upload {checked.manifest.method} "
-                                                      f"{'merged model' if checked.merged else 'adapter'} with peftlab")
+                                                      f"{'merged model' if checked.merged else 'adapter weights'} with peftlab")
     if not quiet:
         print(f"Pushed '{source}' to {url}", flush=True)
     return url

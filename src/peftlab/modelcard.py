@@ -151,7 +151,7 @@ def _body(manifest: RunManifest, metrics: dict[str, Any], method, kind: TaskKind
           plain_checkpoint: bool) -> str:
     base = base_id or manifest.model
     where = repo_id or ("THIS_FOLDER" if merged else "THIS_ADAPTER")
-    what = "merged into the base weights" if merged else "adapter"
+    what = "merged into the base weights" if merged else "adapter trained"
     lines = [f"# {name}", "",
              f"A **{method.name}** ({method.category}) {what} for **{kind}** on "
              f"**{manifest.task or 'your own data'}**, over the base model `{base}`, trained with "
