@@ -124,7 +124,11 @@ def load_model(
     dtype=None,
     **kwargs: Any,
 ):
-    """The base model with the right head for ``kind`` (classification heads sized from ``label_names``)."""
+    """The base model with the right head for ``kind`` (classification heads sized from ``label_names``).
+
+    Inside ``peftlab.distributed.model_init_context`` (ZeRO-3) the model is built partitioned: each rank
+    allocates and loads only its shard of every weight (``deepspeed.zero.Init``).
+    """
     import torch
     import transformers
 
@@ -143,10 +147,25 @@ def load_model(
                 label2id={label: index for index, label in enumerate(label_names)},
             )
     model = _from_pretrained(auto_class, path, name, **options)
+    _keep_used_weight_conversions(model)
     if getattr(model.config, "pad_token_id", None) is None:
         eos = getattr(model.config, "eos_token_id", None)
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
     return model
+
+
+def _keep_used_weight_conversions(model) -> None:
+    """Under ZeRO-3 (``peftlab.distributed.model_init_context``) keep only the checkpoint renamings that applied.
+
+    transformers 5 remembers the key renamings a load used (``_weight_conversions``) and reverts them when
+    the model is saved. Its ZeRO-3 loading path remembers all the candidates instead, among them BERT's
+    legacy ``LayerNorm.gamma``/``beta`` names, so a model trained under ZeRO-3 (full fine-tuning) would be
+    saved with ``gamma``/``beta`` keys that no other run has. Elsewhere the list is already the used ones.
+    """
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [conversion for conversion in conversions
+                                     if not hasattr(conversion, "was_used") or conversion.was_used()]
 
 
 def _from_pretrained(auto_class, path: str, name: str, **options):
