@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peftlab.artifacts import ADAPTER_DIR, MANIFEST, RunManifest
+from peftlab.artifacts import ADAPTER_DIR, MANIFEST, RunManifest, manifest_from_peft_config
 from peftlab.errors import PeftlabError
 from peftlab.kinds import TaskKind
 
@@ -318,19 +318,11 @@ class _Checker:
         return adapter_dir
 
     def manifest_from_peft(self, config_path: Path) -> RunManifest:
-        from peftlab.methods import get_method_class, method_for_peft_type, method_names
-
         config = self.read_json(config_path)
-        peft_type = str(config.get("peft_type", "")).upper()
-        method = method_for_peft_type(peft_type)
-        if method is None:
-            loadable = sorted({get_method_class(name).peft_type for name in method_names()} - {None})
-            raise self.refuse(f"{PEFT_CONFIG} has peft_type '{peft_type}', which peftlab cannot load "
-                              f"({', '.join(loadable)}).")
-        base = config.get("base_model_name_or_path")
-        if not base or not isinstance(base, str):
-            raise self.refuse(f"{PEFT_CONFIG} does not name its base model (base_model_name_or_path).")
-        return RunManifest(method=method, model=base, kind=TaskKind.from_peft_task_type(config.get("task_type")))
+        try:
+            return manifest_from_peft_config(config, PEFT_CONFIG)
+        except PeftlabError as error:
+            raise self.refuse(str(error)) from None
 
     def peft_weights(self, manifest, adapter_dir: Path, peft_type: str, from_run: bool) -> tuple[list[Path], str]:
         config_path = self.require(adapter_dir / PEFT_CONFIG, "the adapter is incomplete.")

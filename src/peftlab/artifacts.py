@@ -107,33 +107,41 @@ def read_run(path: str | os.PathLike) -> tuple[RunManifest, Path]:
         return manifest, adapter
     peft_config = run_dir / "adapter_config.json"
     if peft_config.is_file():
-        return _manifest_from_peft(peft_config), run_dir
+        return _manifest_from_peft_file(peft_config), run_dir
     if (run_dir / ADAPTER_DIR / "adapter_config.json").is_file():
-        return _manifest_from_peft(run_dir / ADAPTER_DIR / "adapter_config.json"), run_dir / ADAPTER_DIR
+        return _manifest_from_peft_file(run_dir / ADAPTER_DIR / "adapter_config.json"), run_dir / ADAPTER_DIR
     raise PeftlabError(
         f"'{run_dir}' is neither a peftlab run folder (no {MANIFEST}) nor a peft adapter folder "
         "(no adapter_config.json). Pass the --output folder of `peftlab train` or a peft adapter folder."
     )
 
 
-def _manifest_from_peft(config_path: Path) -> RunManifest:
+def _manifest_from_peft_file(config_path: Path) -> RunManifest:
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
         raise PeftlabError(f"'{config_path}' is not valid JSON ({error.msg}, line {error.lineno}).") from None
+    return manifest_from_peft_config(config, f"'{config_path}'")
+
+
+def manifest_from_peft_config(config: dict, where: str) -> RunManifest:
+    """What a plain peft adapter folder (no peftlab.json) is: the method that loads its ``peft_type``, with
+    the options its config states that change the method's facts (``Method.options_from_peft_config``: a
+    LoRA saved with ``use_dora`` is served as DoRA is), its base model and its kind. ``where`` names the
+    config in messages."""
     from peftlab.methods import get_method_class, method_for_peft_type, method_names
 
     peft_type = str(config.get("peft_type", "")).upper()
     method = method_for_peft_type(peft_type)
     if method is None:
         loadable = sorted({get_method_class(name).peft_type for name in method_names()} - {None})
-        raise PeftlabError(f"'{config_path}': peft_type '{peft_type}' is not one peftlab can load "
-                           f"({', '.join(loadable)}).")
+        raise PeftlabError(f"{where}: peft_type '{peft_type}' is not one peftlab can load ({', '.join(loadable)}).")
     base = config.get("base_model_name_or_path")
-    if not base:
-        raise PeftlabError(f"'{config_path}' does not name its base model (base_model_name_or_path).")
-    kind = TaskKind.from_peft_task_type(config.get("task_type"))
-    return RunManifest(method=method, model=base, kind=kind)
+    if not base or not isinstance(base, str):
+        raise PeftlabError(f"{where} does not name its base model (base_model_name_or_path).")
+    options = get_method_class(method).options_from_peft_config(config)
+    return RunManifest(method=method, model=base, kind=TaskKind.from_peft_task_type(config.get("task_type")),
+                       method_options=options)
 
 
 def prepare_output_folder(output: str | os.PathLike, *, source: str | os.PathLike, marker: str, command: str,

@@ -157,6 +157,12 @@ class Method:
     def learning_rate(self) -> float:
         return float(self.options.learning_rate)
 
+    @classmethod
+    def options_from_peft_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Options a plain peft adapter folder's ``adapter_config.json`` states (no peftlab.json to read them
+        from) that change what the method declares: LoRA's ``use_dora`` decides how the server batches it."""
+        return {}
+
     # ---- what the trainer asks ---------------------------------------------------------------------
     @property
     def optimizer(self) -> str:

@@ -194,6 +194,12 @@ class LoRA(PeftMethod):
                 total += self.options.r * (fan_in + fan_out) + (fan_out if self.options.use_dora else 0)
         return total + _head_parameters(peft_model, kind)
 
+    @classmethod
+    def options_from_peft_config(cls, config):
+        # the variants that change how the adapter is served or scaled; r for the parameter formula
+        stated = {"use_dora": config.get("use_dora"), "use_rslora": config.get("use_rslora"), "r": config.get("r")}
+        return {key: value for key, value in stated.items() if isinstance(value, (bool, int)) and value is not None}
+
     def serving_facts(self):
         if self.options.use_dora:
             # peft refuses adapter_names ("Cannot pass `adapter_names` when DoRA is enabled"): one adapter per pass
