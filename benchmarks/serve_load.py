@@ -177,7 +177,7 @@ def drive(url: str, names: list[str], texts: list[str], seconds: float, concurre
     for thread in threads:
         thread.join()
     elapsed = min(seconds, max(1e-9, time.perf_counter() - warmup_end))
-    server_metrics = httpx.get(url + "/metrics", timeout=10, headers=headers).json()
+    server_metrics = httpx.get(url + "/v1/stats", timeout=10, headers=headers).json()
     return {
         "requests": len(latencies),
         "errors": len(errors),
@@ -260,16 +260,6 @@ def soak(url: str, names: list[str], texts: list[str], *, rate: float, seconds: 
     }
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/serve-bench", help="trained adapters are kept here")
@@ -323,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "server_torch_threads": args.threads or "default",
+    from peftlab.compare import cpu_name
+
+    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "server_torch_threads": args.threads or "default",
                "load_average_after": os.getloadavg(), "python": platform.python_version(), "torch": torch.__version__}
     machine["load_average_before"] = load_before
     report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine,
