@@ -186,3 +186,26 @@ def test_a_comparison_is_one_experiment_with_a_summary(tmp_path, clean_environme
     scalars = read_tensorboard(out / "tensorboard" / "summary")
     assert scalars["summary/lora/metric"] == [pytest.approx(0.81)]
     assert read_tensorboard(out / "runs" / "lora" / "tensorboard")["train/loss"]
+
+
+@pytest.mark.real
+def test_peftlab_train_reports_to_tensorboard_and_mlflow_and_writes_a_card(tmp_path, clean_environment, data_dir):
+    """The real thing: `peftlab train --report-to tensorboard,mlflow` on minilm + SST-2 leaves the loss and
+    learning-rate curves (read back with tensorboard's own reader and MLflow's client) and a model card."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("mlflow")
+    from huggingface_hub import ModelCard
+
+    import peftlab
+
+    run = tmp_path / "lora-sst2"
+    peftlab.train(method="lora", task="sst2", model="minilm", output=str(run), epochs=1, max_train_samples=64,
+                  max_eval_samples=32, batch_size=16, logging_steps=1, precision="fp32", progress=False,
+                  data_dir=str(data_dir), report_to="tensorboard,mlflow", run_name="sst2-lora")
+    scalars = read_tensorboard(run / "tensorboard")
+    assert len(scalars["train/loss"]) >= 4 and all(value > 0 for value in scalars["train/loss"])
+    assert len(scalars["train/learning_rate"]) >= 4
+    client, (found,) = mlflow_runs(run / "mlruns", "peftlab")
+    assert found.info.run_name == "sst2-lora" and client.get_metric_history(found.info.run_id, "loss")
+    card = ModelCard.load(run / "adapter" / "README.md")
+    assert card.data.base_model and "lora" in card.data.tags

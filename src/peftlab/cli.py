@@ -24,6 +24,8 @@ _HELP = {
     "method": "PEFT method (see `peftlab methods`)",
     "task": "task name: sst2, mrpc, cola, rte, qnli, qqp, mnli, stsb, wnli, conll2003, imdb, alpaca, squad, or csv/tsv/jsonl for your own files",
     "model": "Hub id, local folder, or a bundled offline model: minilm, smollm2",
+    "report_to": "experiment tracking: none (default), tensorboard, trackio, mlflow, wandb; several comma-separated",
+    "run_name": "the run's name in the trackers (default: the --output folder's name)",
     "output": "run folder (default runs/<method>-<task>)",
     "epochs": "training epochs (fractions allowed)",
     "lr": "peak learning rate (default: the method's own, see `peftlab methods`)",

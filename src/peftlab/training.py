@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from peftlab import methods, validation
+from peftlab import methods, modelcard, tracking, validation
 from peftlab.artifacts import (ADAPTER_DIR, CHECKPOINTS, LOG, METRICS, PLOT, RunManifest,  # noqa: F401 (re-exported)
                                absolute_paths, remembered_data_dir, write_json)
 from peftlab.errors import PeftlabError
@@ -80,6 +80,8 @@ class TrainConfig:
     deepspeed: str | None = None  # zero2 | zero3 | path/to/config.json (see peftlab.distributed)
     offload: str | None = None  # cpu
     progress: bool = True
+    report_to: str = "none"  # none | tensorboard | trackio | mlflow | wandb; several comma-separated (tracking.py)
+    run_name: str | None = None  # the run's name in the trackers (default: the run folder's name)
     method_options: dict[str, Any] = field(default_factory=dict)
     task_options: dict[str, Any] = field(default_factory=dict)
 
@@ -246,8 +248,9 @@ def train(config: TrainConfig | None = None, *, parts: TrainingParts | None = No
     try:
         precision = hardware.resolve_precision(config.precision)
         prepared = parts.prepared or prepare(config)
-        built = build_trainer(prepared, precision, parts, resume_from=start.resume_from)
-        times = run(built)
+        with tracking.tracked(config.report_to, config.output_dir()):  # the trackers read it from the env
+            built = build_trainer(prepared, precision, parts, resume_from=start.resume_from)
+            times = run(built)
     except BaseException:
         if distributed.is_main_process():
             start.abandon()  # failed before its first checkpoint: nothing left that blocks a retry
@@ -334,7 +337,7 @@ def build_trainer(prepared: Prepared, precision: str, parts: TrainingParts | Non
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=on_cpu,
-        report_to="none",
+        **tracking.trainer_settings(config.report_to, config.run_name, config.output_dir()),
         disable_tqdm=True,  # replaced by ProgressBar
         remove_unused_columns=False,
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
@@ -498,6 +501,7 @@ def report(built: BuiltTrainer, times: RunTimes, final: dict[str, Any], adapter_
         "peftlab_version": __version__,
     }
     write_json(output / METRICS, metrics)
+    modelcard.write_card(output)  # adapter/README.md: Hub metadata, dev metrics, how to load it
     plot_training(output / LOG, output / PLOT, title=f"{method.name} on {task.name} ({config.model})",
                   metric_name=task.metric_name)
     if not config.keep_checkpoints:

@@ -212,7 +212,10 @@ def check_config(config):
     otherwise): what ``train()`` runs first, whoever built the config."""
     from peftlab.methods import get_method_class
 
+    from peftlab.tracking import parse_report_to
+
     values = check_train_values({f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+    parse_report_to(values.get("report_to"))  # an unknown or uninstalled tracker before any work
     values["method_options"] = check_method_values(get_method_class(values["method"]),
                                                    dict(config.method_options or {}))
     return dataclasses.replace(config, **values)
