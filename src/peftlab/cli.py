@@ -214,24 +214,31 @@ def cmd_methods(args, extra):
 
 def cmd_compare(args, extra):
     from peftlab.artifacts import check_comparison_folder
-    from peftlab.report import PLOTS
-    from peftlab.training import TrainConfig
+    from peftlab.compare.orchestrate import COMPARE_FOLDERS, default_output
+    from peftlab.compare.suite import parse_tasks
     from peftlab.methods import get_method_class, parse_methods
+    from peftlab.report import PLOTS, SUITE_PLOT
     from peftlab.validation import check_method_values, check_train_values
 
     sources: dict[str, str] = {}
-    options = _collect(args, extra | {"methods", "repeats", "output", "resume", "isolate", "overwrite"}, sources)
+    own = {"methods", "repeats", "output", "resume", "isolate", "overwrite", "tasks", "suite", "tune", "trials",
+           "workers", "ray", "multitask"}
+    options = _collect(args, extra | own, sources)
     options = check_train_values(options, sources)  # the recipe's file and key named, before any work
     chosen = options.get("methods") if args.methods == "all" and options.get("methods") else args.methods
     for name in parse_methods(chosen if isinstance(chosen, list) else str(chosen)):
         check_method_values(get_method_class(name), options, sources)  # each compared method's own options
-    output = args.output or f"runs/compare-{options.get('task', TrainConfig.task)}"
-    check_comparison_folder(output, overwrite=bool(args.overwrite), plots=[name for name, _ in PLOTS.values()])
+    tasks = parse_tasks(args.tasks if args.tasks or args.suite else options.get("tasks"),
+                        args.suite if args.tasks or args.suite else options.get("suite"), options.get("task"))
+    output = args.output or default_output(tasks, args.suite or options.get("suite"))
+    check_comparison_folder(output, overwrite=bool(args.overwrite),
+                            plots=[name for name, _ in PLOTS.values()] + [SUITE_PLOT[0], *COMPARE_FOLDERS])
     quiet_libraries()
     from peftlab.compare import compare
 
     compare(methods=args.methods, output=output, repeats=args.repeats, resume=bool(args.resume),
-            train_options=options, isolate=args.isolate)
+            train_options=options, isolate=args.isolate, tasks=args.tasks, suite=args.suite, tune=args.tune,
+            trials=args.trials, workers=args.workers, ray=args.ray, multitask=args.multitask)
     return 0
 
 
@@ -352,7 +359,23 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, set[str]]]:
 
     sub = commands.add_parser("compare", help="train and measure every method side by side")
     sub.add_argument("--methods", default="all", help="'all' or a comma list, e.g. lora,bitfit,full")
-    sub.add_argument("--repeats", type=int, default=1, help="seeds per method (mean and std reported)")
+    sub.add_argument("--tasks", default=None, help="several tasks, a comma list (e.g. sst2,mrpc,cola): per-task "
+                                                   "tables and a suite average per method")
+    sub.add_argument("--suite", default=None, choices=["glue"],
+                     help="a fixed task list: glue = cola,sst2,mrpc,qqp,stsb,mnli,qnli,rte")
+    sub.add_argument("--repeats", type=int, default=1,
+                     help="seeds per method (mean, std and 95%% t-interval reported)")
+    sub.add_argument("--tune", default=None, metavar="lr",
+                     help="search each method's learning rate per task first (Optuna TPE on a validation split "
+                          "carved from the training data; needs peftlab[tune])")
+    sub.add_argument("--trials", type=int, default=None, help="with --tune: trials per method and task (default 8)")
+    sub.add_argument("--workers", type=int, default=None,
+                     help="runs at once: one GPU each on a GPU machine, the CPU cores split between them otherwise")
+    sub.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                     help="schedule the runs on Ray (needs peftlab[ray]): a local instance without ADDRESS, else the "
+                          "cluster at HOST:PORT")
+    sub.add_argument("--multitask", action=argparse.BooleanOptionalAction, default=True,
+                     help="with several tasks: measure one serve process holding every task's adapter (default on)")
     sub.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                      help="run each method in its own process (honest peak memory; default on)")
     _add_train_flags(sub, skip={"keep_checkpoints"})

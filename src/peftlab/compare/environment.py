@@ -81,11 +81,18 @@ def invocation() -> str | None:
     return None
 
 
-def resolved_command(names, out: Path, repeats: int, options: dict[str, Any], per_method: dict) -> str:
-    """A ``peftlab compare`` command with every option this comparison used spelled out."""
+def resolved_command(names, out: Path, repeats: int, options: dict[str, Any], per_method: dict,
+                     extra: dict[str, Any] | None = None) -> str:
+    """A ``peftlab compare`` command with every option this comparison used spelled out. ``extra``: compare's
+    own flags besides these (``tasks``, ``suite``, ``tune``, ``trials``, ``workers``, ``ray``), None when unused."""
     parts = ["peftlab", "compare", "--methods", ",".join(names), "--output", str(out)]
     if repeats != 1:
         parts += ["--repeats", str(repeats)]
+    for key, value in (extra or {}).items():
+        if value is True:
+            parts.append("--" + key)
+        elif value not in (None, False):
+            parts += ["--" + key, str(value)]
     for key, value in sorted(options.items()):
         if isinstance(value, dict):
             continue

@@ -1,83 +1,87 @@
-"""The comparison itself: check the names, plan the grid (methods x seeds), run each cell in its own process
-(or in this one), continue a killed comparison, and write ``results.json`` and the report.
+"""The comparison itself: check the names, plan the grid (tasks x methods x seeds, tuning first with ``--tune``),
+run every job (one after another, ``--workers N`` at once, or on Ray), continue a killed comparison, and write
+``results.json`` and the report.
 
-A method the model cannot take is listed as ``unsupported`` before anything trains; a run that crashes or
-diverges is a ``failed`` row and the others go on. Every method comes from the registry
-(``peftlab.methods``): a method registered from outside peftlab is compared like the built-in ones.
+A method the model cannot take is listed as ``unsupported`` before anything trains; a task whose data cannot be
+loaded is left out with one sentence; a job that crashes is retried once and then recorded ``failed``, and the
+others go on. Every method comes from the registry (``peftlab.methods``): a method registered from outside
+peftlab is compared like the built-in ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 from peftlab.compare.environment import environment, invocation, resolved_command
 from peftlab.compare.measure import LATENCY_SETTINGS
-from peftlab.compare.rows import aggregate, compare_rows, eta, one_line, plan_banner, summary
-from peftlab.compare.worker import (LOG_FILE, PARENT_PID_ENV, RESULT_FILE, SPEC_FILE, WORKER_ERROR, WORKER_RESULT,
-                                    describe_error, failed_result, method_source, run_method, training_identity)
+from peftlab.compare.parallel import Job, check_workers, plan_workers, run_jobs, worker_threads
+from peftlab.compare.plan import (COMPARE_DEFAULTS, DEFAULT_BUDGETS, TaskPlan, make_job, needs_special_load,  # noqa: F401
+                                  options_for, plan_task, preflight, resolve_methods, skeleton,
+                                  unsupported_reason_kind_only)
+from peftlab.compare.progress import Progress, one_line, plan_banner, print_now, summary
+from peftlab.compare.rows import aggregate, compare_rows
+from peftlab.compare.runner import (finished_run, flat_options, identity_of, log_tail, prepare_run_dir,  # noqa: F401
+                                    run_in_process, run_isolated, run_job)
+from peftlab.compare.suite import parse_tasks, suite_rows
+from peftlab.compare.tuning import TUNE_FILE, check_tune
+from peftlab.compare.worker import RESULT_FILE, failed_result, method_source
 from peftlab.errors import PeftlabError
-from peftlab.kinds import TaskKind
 from peftlab.report import write_json_file
 
-# The training budget per task kind when the user gives neither --max-train-samples nor --epochs.
-# Classification: 2,000 examples x 3 epochs is where the methods separate (LoRA reaches ~0.81 SST-2
-# accuracy, prompt tuning is still far behind) and all ten methods fit in the demo's time budget.
-# Language models are far slower per example on a CPU (SmolLM2-135M on Alpaca: seconds per example),
-# so their default is a smoke-sized budget: raise it (and use a GPU) for a ranking that means much.
-DEFAULT_BUDGETS: dict[TaskKind, dict[str, Any]] = {
-    TaskKind.SEQ_CLS: {"max_train_samples": 2000, "epochs": 3.0},
-    TaskKind.TOKEN_CLS: {"max_train_samples": 2000, "epochs": 3.0},
-    TaskKind.CAUSAL_LM: {"max_train_samples": 100, "epochs": 1.0},
-    TaskKind.SEQ2SEQ: {"max_train_samples": 500, "epochs": 2.0},
-}
-# Options compare sets differently from `peftlab train` unless the user gives them: one dev evaluation
-# at the end (not per epoch: it would be charged to every method's wall time) and no progress bar (the
-# worker's output goes to a log file). Precision stays `auto`: on the AVX512-BF16 CPUs here bf16
-# autocast trained LoRA on MiniLM 1.8x faster than fp32 at the same dev accuracy (docs/compare.md).
-COMPARE_DEFAULTS: dict[str, Any] = {"eval_each_epoch": False, "progress": False}
+# Keys of a compare recipe that are compare's own flags (the command line wins over them).
+RECIPE_FLAGS = ("methods", "repeats", "tasks", "suite", "tune", "trials", "workers")
+# The folders a comparison writes besides runs/ (the plots of a suite, tuning, the multi-task measurement).
+COMPARE_FOLDERS = ("plots", "tuning", "multitask")
 
 
-def compare(methods: str | list[str] = "all", output: str | os.PathLike | None = None, repeats: int = 1,
+def default_output(task_names: list[str], suite: str | None = None) -> Path:
+    """``runs/compare-<task>``, ``runs/compare-<suite>`` or ``runs/compare-<task1>-<task2>...``."""
+    label = task_names[0] if len(task_names) == 1 else (suite or "-".join(task_names))
+    return Path(f"runs/compare-{label}")
+
+
+def compare(methods: str | list[str] = "all", output: str | Path | None = None, repeats: int = 1,
             resume: bool = False, train_options: dict[str, Any] | None = None, isolate: bool = True,
-            echo: Callable[[str], None] | None = None, latency: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train and measure ``methods`` side by side; returns what ``results.json`` holds.
+            echo: Callable[[str], None] | None = None, latency: dict[str, Any] | None = None, *,
+            tasks: str | list[str] | None = None, suite: str | None = None, tune: str | None = None,
+            trials: int | None = None, workers: int | None = None, ray: str | bool | None = None,
+            multitask: bool = True, live: bool | None = None) -> dict[str, Any]:
+    """Train and measure ``methods`` side by side on one task or several; returns what ``results.json`` holds.
 
     ``train_options`` are the flat ``peftlab train`` options (``task``, ``model``, ``epochs``,
     ``max_train_samples``, ``lr``, method options such as ``r``...): a method option applies to the
     methods that have it. A key named after a method whose value is a mapping (from a ``--config``
-    recipe, e.g. ``lora: {lr: 1e-3}``) overrides options for that method only.
+    recipe, e.g. ``lora: {lr: 1e-3}``) overrides options for that method only. ``tasks``/``suite``: several
+    tasks (a suite average per method). ``tune="lr"``: each method's learning rate searched per task with
+    ``trials`` Optuna trials first. ``workers``: jobs at once on this machine; ``ray``: run on Ray (True or
+    "local": a local instance; else a cluster address). ``multitask``: measure serving all tasks (suites).
+    ``echo``: where plain progress lines go (default: a live table on a terminal, else stdout).
     """
     from peftlab.methods import method_names
 
-    echo = echo or print_now
     started = time.time()
     options = {str(k).replace("-", "_"): v for k, v in (train_options or {}).items() if v is not None}
     per_method = {name: {str(k).replace("-", "_"): v for k, v in options.pop(name).items()}
                   for name in list(options) if name in method_names() and isinstance(options[name], dict)}
     if "method" in options:
         raise PeftlabError("compare trains several methods: choose them with --methods lora,bitfit (not --method).")
-    # a compare recipe may name the methods and repeats too (the command line wins)
     latency = {**LATENCY_SETTINGS, **(latency or {})}
     unknown_latency = sorted(set(latency) - set(LATENCY_SETTINGS))
     if unknown_latency:
         raise PeftlabError(f"Unknown latency setting(s) {', '.join(unknown_latency)}; use {', '.join(LATENCY_SETTINGS)}.")
-    recipe_methods = options.pop("methods", None)
-    recipe_repeats = options.pop("repeats", None)
-    if recipe_methods is not None and methods in (None, "all"):
-        methods = recipe_methods
-    if recipe_repeats is not None and repeats == 1:
-        repeats = int(recipe_repeats)
-    for key in ("output", "resume", "keep_checkpoints"):
+    recipe = {key: options.pop(key) for key in RECIPE_FLAGS if key in options}  # a recipe may name these too
+    methods = recipe["methods"] if "methods" in recipe and methods in (None, "all") else methods
+    repeats = int(recipe["repeats"]) if "repeats" in recipe and repeats == 1 else repeats
+    tasks = tasks if tasks is not None or suite is not None else recipe.get("tasks")
+    suite = suite if suite is not None or tasks is not None else recipe.get("suite")
+    tune = tune if tune is not None else recipe.get("tune")
+    trials = trials if trials is not None else recipe.get("trials")
+    workers = workers if workers is not None else recipe.get("workers")
+    for key in ("output", "resume", "keep_checkpoints", "overwrite"):
         options.pop(key, None)  # compare decides where each run goes and what resuming means
 
     names = resolve_methods(methods)
@@ -85,372 +89,239 @@ def compare(methods: str | list[str] = "all", output: str | os.PathLike | None =
     if unknown_overrides:
         raise PeftlabError(f"The recipe has options for {', '.join(unknown_overrides)}, which this comparison does "
                            f"not run (methods: {', '.join(names)}).")
-    if not isinstance(repeats, int) or repeats < 1:
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise PeftlabError(f"--repeats must be a positive whole number; got {repeats!r}.")
+    tune, trials = check_tune(tune, trials)
+    if tune and "lr" in options:
+        raise PeftlabError("--tune lr searches each method's learning rate: drop --lr (a recipe may still give one "
+                           "method its rate, which becomes the centre of its search).")
+    workers = check_workers(workers)
+    use_ray = ray not in (None, False)
+    if not isolate and (workers > 1 or use_ray):
+        raise PeftlabError("--workers and --ray run each job in its own process: drop --no-isolate.")
+    task_names = parse_tasks(tasks, suite, options.pop("task", None))
+    several = len(task_names) > 1
+    plans = [plan_task(name, names, options, per_method) for name in task_names]
+    available = [plan for plan in plans if not plan.missing]
+    if not available:
+        raise PeftlabError(" ".join(plan.missing for plan in plans))
 
-    from peftlab.tasks import get_task
-    from peftlab.training import TrainConfig, config_from_options
-
-    task_name = options.get("task", TrainConfig.task)
-    get_task(task_name)  # an unknown task name fails here, listing the valid ones, before any work
-    budget_defaults = []
-    configs = {name: config_from_options(options_for(name, options, per_method)) for name in names}
-    first = configs[names[0]]
-    task = get_task(first.task, **first.task_options)
-    for key, value in {**DEFAULT_BUDGETS.get(task.kind, {}), **COMPARE_DEFAULTS}.items():
-        if key not in options:
-            budget_defaults.append(key)
-            options[key] = value
-    configs = {name: config_from_options(options_for(name, options, per_method)) for name in names}
-    first = configs[names[0]]
-
-    out = Path(output or f"runs/compare-{task.name}").expanduser()
-    runs_dir = out / "runs"
-    finished = sorted(runs_dir.glob(f"*/{RESULT_FILE}")) if runs_dir.is_dir() else []
-    if finished and not resume:
-        raise PeftlabError(f"'{out}' already holds a comparison ({len(finished)} finished run(s)). Continue it with "
+    out = Path(output or default_output(task_names, suite)).expanduser()
+    earlier = [p for folder in ("runs", "tuning") if (out / folder).is_dir()
+               for p in (out / folder).rglob("*.json") if p.name in (RESULT_FILE, TUNE_FILE)]
+    if earlier and not resume:
+        raise PeftlabError(f"'{out}' already holds a comparison ({len(earlier)} finished job(s)). Continue it with "
                            "--resume, or choose another --output.")
 
-    reasons = preflight(names, first.model, task, {name: configs[name].method_options for name in names})
-    seeds = [first.seed + k for k in range(repeats)]
-    plan = []
-    for name in names:
-        if reasons.get(name):
-            continue
-        for seed in seeds:
-            run_name = name if repeats == 1 else f"{name}-seed{seed}"
-            config = dataclasses.replace(configs[name], seed=seed, output=str((runs_dir / run_name).resolve()))
-            plan.append((name, seed, run_name, config))
-    # where each worker process finds a method registered from outside peftlab (refused here if it cannot)
-    sources = {name: method_source(name) for name, *_ in plan} if isolate else {}
+    notes: list[str] = []
+    ray_module, ray_started = None, False
+    if use_ray:
+        from peftlab.compare.ray_backend import LOCAL, connect, plan_ray_workers
 
+        address = None if ray in (True, "", LOCAL) else str(ray)
+        ray_module, ray_started = connect(address)
+        plan = plan_ray_workers(ray_module, workers if workers > 1 else None)
+        backend_text = f"on Ray ({'a local instance' if address is None else address}): {plan.why}"
+    else:
+        plan = plan_workers(workers)
+        backend_text = (f"{plan.count} at once ({plan.why})" if plan.count > 1 else "one at a time")
+    notes += plan.notes
+    first = available[0]
+    first_config = first.configs[names[0]]
+    seeds = [first_config.seed + k for k in range(repeats)]
     settings = {
-        "task": task.name, "model": first.model, "kind": task.kind, "metric_name": task.metric_name,
-        "higher_is_better": task.higher_is_better, "methods": names, "repeats": repeats, "seeds": seeds,
-        "max_train_samples": first.max_train_samples, "max_eval_samples": first.max_eval_samples,
-        "epochs": first.epochs, "batch_size": first.batch_size, "max_length": first.max_length,
-        "precision": first.precision, "isolate": isolate, "output": str(out), "latency": latency,
-        "worker_threads": worker_threads(),
-        "defaults_applied": budget_defaults, "per_method_options": per_method,
-        "options": {k: v for k, v in options.items()},
+        "task": first.name, "tasks": task_names, "suite": suite, "model": first_config.model, "kind": first.task.kind,
+        "metric_name": first.task.metric_name, "higher_is_better": first.task.higher_is_better,
+        "task_info": {p.name: p.info() for p in plans}, "methods": names, "repeats": repeats, "seeds": seeds,
+        "max_train_samples": first_config.max_train_samples, "max_eval_samples": first_config.max_eval_samples,
+        "epochs": first_config.epochs, "batch_size": first_config.batch_size, "max_length": first_config.max_length,
+        "precision": first_config.precision, "isolate": isolate, "output": str(out), "latency": latency,
+        "worker_threads": {"threads": plan.slots[0]["threads"], "why": plan.why},
+        "backend": "ray" if use_ray else ("local" if plan.count > 1 else "sequential"), "workers": plan.count,
+        "backend_text": backend_text, "ray_address": (str(ray) if use_ray and ray not in (True, "") else None),
+        "tune": {"parameter": tune, "trials": trials} if tune else None, "notes": notes,
+        "defaults_applied": first.defaults_applied, "per_method_options": per_method,
+        "options": dict(first.options),
     }
-    command = invocation()
-    resolved = resolved_command(names, out, repeats, options, per_method)
-    echo(plan_banner(settings, reasons, len(plan)))
+    extra = {"task": None if several else first.name, "suite": suite, "tasks": None if suite or not several else
+             ",".join(task_names), "tune": tune, "trials": trials if tune else None,
+             "workers": workers if workers > 1 else None, "ray": (True if settings["ray_address"] is None else
+                                                                   settings["ray_address"]) if use_ray else None}
+    run = Comparison(out=out, settings=settings, plans=plans, names=names, seeds=seeds, started=started,
+                     command=invocation(), resolved=resolved_command(
+                         names, out, repeats, {k: v for k, v in first.options.items() if k != "task"}, per_method,
+                         extra))
+    print_line = echo or print_now
+    print_line(plan_banner(settings, {p.name: p.reasons for p in available}, len(available) * len(names) * repeats,
+                           notes + [f"{p.name}: left out: {p.missing}" for p in plans if p.missing]))
     out.mkdir(parents=True, exist_ok=True)
+    run.write(partial=True)  # the folder is a comparison from now on (resumable, recognised by the CLI)
+    # where each worker process finds a method registered from outside peftlab (refused here if it cannot)
+    planned = [name for name in names if any(not p.reasons.get(name) for p in available)]
+    sources = {name: method_source(name) for name in planned} if isolate else {}
+    common = {"isolated": isolate, "latency": latency, "resume": bool(resume)}
 
-    runs: dict[str, list[dict]] = {name: [] for name in names}
-    times: list[float] = []
-    for index, (name, seed, run_name, config) in enumerate(plan, start=1):
-        run_dir = runs_dir / run_name
-        label = f"[{index}/{len(plan)}] {run_name}"
-        previous = finished_run(run_dir, config) if resume else None
-        if previous is not None:
-            echo(f"{label}: finished earlier, reused ({one_line(previous)})")
-            runs[name].append(previous)
-            continue
-        if resume and (run_dir / RESULT_FILE).is_file():
-            echo(f"{label}: failed earlier, running it again")
-        spec = {"options": flat_options(config), "resume": bool(resume), "run_name": run_name,
-                "seed": seed, "isolated": isolate, "latency": latency, "method_source": sources.get(name)}
-        echo(f"{label}: training ({eta(times, len(plan) - index + 1)})")
-        began = time.perf_counter()
-        threads = settings["worker_threads"]["threads"]
-        result = run_isolated(spec, run_dir, threads=threads) if isolate else run_in_process(spec, run_dir, threads)
-        times.append(time.perf_counter() - began)
-        result.setdefault("wall_seconds", times[-1])
-        write_json_file(run_dir / RESULT_FILE, result)  # atomic: a finished run is never half-written
-        runs[name].append(result)
-        echo(f"{label}: {one_line(result)}")
-        write_results(out, settings, command, resolved, started, runs, reasons, names, partial=True)
+    def execute(jobs: list[Job], phase: str, reuse: Callable[[Job], dict | None], save: str) -> None:
+        progress = Progress(jobs, echo=echo, live=live, workers=plan.count, phase=phase)
+        try:
+            todo = []
+            for job in jobs:
+                previous = reuse(job) if resume else None
+                if previous is not None:
+                    run.record(job, previous)
+                    progress.reused(job, one_line(previous))
+                    continue
+                if resume and (job.run_dir / save).is_file():
+                    progress.note(f"{progress.prefix(job)}: failed earlier, running it again")
+                todo.append(job)
 
-    payload = write_results(out, settings, command, resolved, started, runs, reasons, names, partial=False)
+            def done(job: Job, result: dict[str, Any]) -> None:
+                write_json_file(job.run_dir / save, result)  # atomic: a finished job is never half-written
+                run.record(job, result)
+                progress.done(job, result, one_line(result))
+                run.write(partial=True)
+
+            if use_ray:
+                from peftlab.compare.ray_backend import run_on_ray
+
+                run_on_ray(todo, ray_module, plan, on_start=lambda job: progress.start(job, "queued on Ray"),
+                           on_done=done,
+                           failed=lambda job, error: failed_result(job.spec, error, job.run_dir))
+            else:
+                run_jobs(todo, plan, lambda job, slot: run_job(job.spec, job.run_dir, isolate=isolate,
+                                                               threads=slot["threads"],
+                                                               environment=slot["environment"]),
+                         on_start=progress.start, on_done=done)
+        finally:
+            progress.close()
+
+    try:
+        if tune:
+            jobs = [make_job("tune", p, name, seeds[0], p.configs[name], out=out, several_tasks=several,
+                             repeats=repeats, common={**common, "tune": {"parameter": tune, "trials": trials},
+                                                      "method_source": sources.get(name)})
+                    for p in available for name in names if not p.reasons.get(name)]
+            execute(jobs, "tuning", lambda job: reusable_tuning(job, trials), TUNE_FILE)
+        jobs = []
+        for p in available:
+            for name in names:
+                if p.reasons.get(name):
+                    continue
+                config, source = run.final_config(p, name, options, per_method)
+                jobs += [make_job("run", p, name, seed, config, out=out, several_tasks=several, repeats=repeats,
+                                  common={**common, "lr_source": source, "method_source": sources.get(name)})
+                         for seed in seeds]
+        execute(jobs, "runs", lambda job: finished_run(job.run_dir, config_of(job)), RESULT_FILE)
+        payload = run.write(partial=False)
+        if several and multitask:
+            from peftlab.compare.multitask import multitask_costs
+
+            print_line("Measuring the multi-task serving cost (one serve process per method, all tasks loaded)...")
+            payload["multitask"] = multitask_costs(out, first_config.model, [p.name for p in available], names,
+                                                   payload["results"])
+            write_json_file(out / "results.json", payload)
+    finally:
+        if ray_started:
+            ray_module.shutdown()
     from peftlab.report import write_report
 
     files = write_report(out, payload)
-    echo(summary(payload, files))
+    print_line(summary(payload, files))
     return payload
 
 
-def print_now(message: str) -> None:
-    print(message, flush=True)
-
-
-def resolve_methods(methods: str | list[str] | None) -> list[str]:
-    """'all', 'lora,bitfit' or a list -> validated, de-duplicated names (unknown ones list the valid)."""
-    from peftlab.methods import parse_methods
-
-    if methods is None:
-        methods = "all"
-    if isinstance(methods, str):
-        methods = [part.strip() for part in methods.split(",") if part.strip()]
-    methods = list(methods)
-    if not methods:
-        raise PeftlabError("--methods is empty: give 'all' or a comma list such as lora,bitfit.")
-    if "all" in methods:
-        if methods != ["all"]:
-            raise PeftlabError("--methods 'all' cannot be combined with other names.")
-        return parse_methods("all")
-    names = parse_methods(methods)  # raises PeftlabError naming the valid methods
-    return list(dict.fromkeys(names))
-
-
-def options_for(name: str, options: dict[str, Any], per_method: dict[str, dict]) -> dict[str, Any]:
-    """The flat options for one method: training options, plus the method options it has."""
-    from peftlab.methods import get_method_class, method_names
-    from peftlab.training import TrainConfig
-
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    own = {f.name for f in get_method_class(name).option_fields()}
-    other = set()
-    for other_name in method_names():
-        other |= {f.name for f in get_method_class(other_name).option_fields()}
-    foreign = other - own - train_fields  # another method's option: not for this one
-    chosen = {k: v for k, v in options.items() if k not in foreign}
-    chosen.update(per_method.get(name, {}))
-    chosen["method"] = name
-    return chosen
-
-
-def worker_threads() -> dict[str, Any]:
-    """How many threads each worker's torch uses, and why.
-
-    PyTorch runs one OpenMP thread per core, and OpenMP threads spin while they wait for each other.
-    On a CPU that other processes already keep busy (load average at or above the core count) that
-    spinning costs far more than the second thread gains: measured on the shared 2-core machines
-    here, a LoRA step took 5 to 20 times longer with 2 threads than with 1. So on a busy machine the
-    workers run single-threaded. ``OMP_NUM_THREADS`` set by the user always wins. Decided once per
-    comparison, so every method runs under the same setting, which ``results.json`` records.
-    """
-    from peftlab import hardware
-
-    if os.environ.get("OMP_NUM_THREADS"):
-        return {"threads": None, "why": f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} (yours)"}
-    cores = hardware.cpu_count()
-    try:
-        load = os.getloadavg()[0]
-    except OSError:  # pragma: no cover - not on this platform
-        load = 0.0
-    if cores > 1 and load >= cores:
-        return {"threads": 1, "why": f"the machine is busy (load average {load:.1f} on {cores} cores): one thread per "
-                                     "worker avoids OpenMP spin-waiting; set OMP_NUM_THREADS to choose"}
-    return {"threads": None, "why": "torch's default (one per core)"}
-
-
-# ---- before any training: what can run at all --------------------------------------------------------------
-
-def preflight(names: list[str], model: str, task, method_options: dict[str, dict] | None = None
-              ) -> dict[str, str | None]:
-    """Why each method cannot run on ``model`` for ``task`` (None: it can), checked on a weightless copy.
-
-    The model is built from its config on PyTorch's meta device (no weights are read), which is all
-    ``check_supported`` looks at. Methods that need a special load (QLoRA's 4-bit base) get only the
-    task-kind check here; anything else they reject shows up as a failed run. A model whose config
-    cannot be read here (a Hub id offline) is not pre-checked: the runs report what goes wrong.
-    """
-    from peftlab.catalog import unsupported_reason
-    from peftlab.methods import get_method
-
-    reasons: dict[str, str | None] = {}
-    model_skeleton = skeleton(model, task)
-    for name in names:
-        method = get_method(name, **(method_options or {}).get(name, {}))
-        if model_skeleton is None or needs_special_load(method):
-            reasons[name] = unsupported_reason_kind_only(method, task.kind)
-        else:
-            reasons[name] = unsupported_reason(method, model_skeleton, task.kind)
-    return reasons
-
-
-def unsupported_reason_kind_only(method, kind: str) -> str | None:
-    """The model-independent part of ``check_supported``: does the method handle this task kind."""
-    from peftlab.methods.base import Method
-
-    try:
-        Method.check_supported(method, None, kind)
-    except PeftlabError as error:
-        return str(error)
-    return None
-
-
-def needs_special_load(method) -> bool:
-    try:
-        return bool(method.model_load_kwargs())
-    except Exception:  # noqa: BLE001 - e.g. bitsandbytes missing: the run itself will say so
-        return True
-
-
-def skeleton(model: str, task):
-    """The task model built from ``model``'s config on the meta device, or None if the config is unreachable."""
-    try:
-        import torch
-        import transformers
-
-        from peftlab.catalog import task_labels
-        from peftlab.models import resolve_model
-
-        kind = TaskKind(task.kind)
-        config = transformers.AutoConfig.from_pretrained(resolve_model(model))
-        if kind.is_classification:
-            config.num_labels = 1 if task.is_regression else len(task_labels(task))
-        auto_class = getattr(transformers, kind.auto_class)
-        with torch.device("meta"):
-            return auto_class.from_config(config)
-    except PeftlabError:
-        raise
-    except Exception:  # noqa: BLE001 - offline Hub id, exotic config: the runs will report the problem
-        return None
-
-
-# ---- one run: in a worker process (default) or in this process ---------------------------------------
-
-def run_isolated(spec: dict[str, Any], run_dir: Path, threads: int | None = None) -> dict[str, Any]:
-    """Run one method in a fresh ``python -m peftlab.compare worker`` process; never raises for its failures."""
-    spec_path = prepare_run_dir(run_dir, spec)
-    log_path = run_dir / LOG_FILE
-    child_environment = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-                         PARENT_PID_ENV: str(os.getpid())}
-    if threads:
-        child_environment["OMP_NUM_THREADS"] = str(threads)
-    with open(log_path, "a") as log:
-        process = subprocess.Popen([sys.executable, "-m", "peftlab.compare", "worker", str(spec_path)],
-                                   stdout=log, stderr=subprocess.STDOUT, env=child_environment)
-        try:
-            returncode = process.wait()
-        except KeyboardInterrupt:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-            raise
-    result_path = run_dir / WORKER_RESULT
-    if returncode == 0 and result_path.is_file():
-        result = json.loads(result_path.read_text())
-        result_path.unlink()
-        return result
-    error_path = run_dir / WORKER_ERROR
-    if error_path.is_file():
-        error = error_path.read_text().strip()
-    elif returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = str(-returncode)
-        error = f"the worker process was killed by {name}" + (
-            " (out of memory? the kernel's OOM killer sends SIGKILL)" if returncode == -signal.SIGKILL else "")
-    else:
-        error = f"the worker process exited with status {returncode}: {log_tail(log_path)}"
-    return failed_result(spec, error, run_dir)
-
-
-def run_in_process(spec: dict[str, Any], run_dir: Path, threads: int | None = None) -> dict[str, Any]:
-    """``--no-isolate``: the same steps in this process (faster start; peak memory is no longer per method)."""
-    import torch
-
-    prepare_run_dir(run_dir, spec)
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        return run_method(spec)
-    except KeyboardInterrupt:
-        raise
-    except Exception as error:  # noqa: BLE001 - one method's failure is a result, not the end of the comparison
-        traceback.print_exc()
-        return failed_result(spec, describe_error(error), run_dir)
-    finally:
-        torch.set_num_threads(previous)
-
-
-def log_tail(path: Path, lines: int = 5) -> str:
-    try:
-        text = Path(path).read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return " | ".join(text[-lines:])
-
-
-# ---- resuming ---------------------------------------------------------------------------------------------
-
-def prepare_run_dir(run_dir: Path, spec: dict[str, Any]) -> Path:
-    """A clean folder for a fresh run, or the folder of a killed run that can continue; returns the spec file.
-
-    With --resume, a run folder is continued (from its step checkpoints, or from its finished training
-    when only the measurements are missing) only if it was started with the same training options;
-    anything else starts over.
-    """
-    spec_path = run_dir / SPEC_FILE
-    resumable = False
-    if spec["resume"] and ((run_dir / "checkpoints").is_dir() or (run_dir / "metrics.json").is_file()):
-        try:
-            earlier = json.loads(spec_path.read_text())
-            resumable = identity_of(earlier) == identity_of(spec)
-        except (OSError, json.JSONDecodeError, PeftlabError):
-            resumable = False
-    if run_dir.exists() and not resumable:
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (WORKER_RESULT, WORKER_ERROR, RESULT_FILE):
-        (run_dir / stale).unlink(missing_ok=True)
-    spec["resume"] = resumable
-    write_json_file(spec_path, spec)
-    return spec_path
-
-
-def identity_of(spec: dict[str, Any]) -> dict[str, Any]:
+def config_of(job: Job):
     from peftlab.training import config_from_options
 
-    return training_identity(config_from_options(spec["options"]))
+    return config_from_options(job.spec["options"])
 
 
-def flat_options(config) -> dict[str, Any]:
-    values = dataclasses.asdict(config)
-    method_options = values.pop("method_options")
-    task_options = values.pop("task_options")
-    return {**values, "method_options": method_options, "task_options": task_options}
+def reusable_tuning(job: Job, trials: int) -> dict[str, Any] | None:
+    previous = finished_run(job.run_dir, config_of(job), file=TUNE_FILE)
+    return previous if previous is not None and previous.get("trials") == trials else None
 
 
-def finished_run(run_dir: Path, config) -> dict[str, Any] | None:
-    """A run's result from an earlier (killed) comparison, if it finished and was trained the same way."""
-    path = run_dir / RESULT_FILE
-    if not path.is_file():
-        return None
-    try:
-        previous = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    if previous.get("status") != "ok":
-        return None
-    wanted = training_identity(config)
-    had = previous.get("train_config") or {}
-    differences = [f"{key} {had.get(key)!r} -> {wanted.get(key)!r}" for key in sorted(set(wanted) | set(had))
-                   if key != "data_dir" and had.get(key) != wanted.get(key)]
-    if differences:
-        raise PeftlabError(
-            f"'{run_dir}' was trained with other options than this comparison asks for ({'; '.join(differences)}). "
-            "Resume with the same options, or choose another --output.")
-    return previous
+@dataclasses.dataclass
+class Comparison:
+    """What one comparison has so far, and how it becomes ``results.json``."""
+
+    out: Path
+    settings: dict[str, Any]
+    plans: list[TaskPlan]
+    names: list[str]
+    seeds: list[int]
+    started: float
+    command: str | None
+    resolved: str
+    runs: dict[tuple, dict[str, Any]] = dataclasses.field(default_factory=dict)  # (task, method, seed) -> result
+    tuning: dict[tuple, dict[str, Any]] = dataclasses.field(default_factory=dict)  # (task, method) -> tune.json
+
+    def record(self, job: Job, result: dict[str, Any]) -> None:
+        if job.key[0] == "tune":
+            self.tuning[(job.task, job.method)] = result
+        else:
+            result.setdefault("task", job.task)
+            self.runs[(job.task, job.method, job.spec["seed"])] = result
+
+    def final_config(self, plan: TaskPlan, name: str, options: dict[str, Any], per_method: dict[str, dict]):
+        """The config of the reported runs: the tuned learning rate if tuning chose one; where the rate came from."""
+        config = plan.configs[name]
+        tuned = self.tuning.get((plan.name, name))
+        if tuned and tuned.get("status") == "ok" and tuned.get("chosen_lr"):
+            return dataclasses.replace(config, lr=float(tuned["chosen_lr"])), "tuned"
+        given = "lr" in options or "lr" in per_method.get(name, {})
+        return config, "given" if given else "default"
+
+    def write(self, *, partial: bool) -> dict[str, Any]:
+        """``results.json``: one object per method x task x seed (``runs``), one per method x task with the
+        seeds aggregated (``results``), the baselines, the tuning, and the suite average."""
+        rows, baselines, runs = [], {}, []
+        for plan in self.plans:
+            if plan.missing:
+                continue
+            task_rows = []
+            for name in self.names:
+                task_runs = [self.runs[key] for key in ((plan.name, name, s) for s in self.seeds) if key in self.runs]
+                runs += task_runs
+                reason = plan.reasons.get(name)
+                if not reason and not task_runs:
+                    continue
+                row = aggregate(name, task_runs, reason, plan.score_metrics)
+                if reason:
+                    row.update(task=plan.name, metric_name=plan.task.metric_name,
+                               higher_is_better=plan.task.higher_is_better)
+                tuned = self.tuning.get((plan.name, name))
+                if tuned:
+                    row["tune"] = {k: tuned.get(k) for k in ("chosen_lr", "default_lr", "best_score", "default_score",
+                                                             "trials", "status", "error")}
+                task_rows.append(row)
+            compare_rows(task_rows, higher_is_better=plan.task.higher_is_better, trivial=plan.baseline)
+            rows += task_rows
+            baselines[plan.name] = plan.baseline
+        payload = {
+            "environment": environment(self.command, self.resolved, self.settings),
+            "settings": self.settings,
+            "complete": not partial,
+            "wall_seconds": time.time() - self.started,
+            "results": rows,
+            "runs": runs,
+            "baselines": baselines,
+            "tuning": [dict(result, task=task, method=method) for (task, method), result in self.tuning.items()],
+            "suite": None,
+        }
+        if len(self.settings["tasks"]) > 1:
+            payload["suite"] = suite_rows(runs, rows, self.settings["task_info"], baselines, self.names, self.seeds)
+        write_json_file(self.out / "results.json", payload)
+        return payload
 
 
-# ---- results.json ------------------------------------------------------------------------------------------
-
-def write_results(out: Path, settings, command, resolved, started, runs, reasons, names, *, partial):
-    rows = [aggregate(name, runs[name], reasons.get(name)) for name in names
-            if reasons.get(name) or runs[name]]
-    compare_rows(rows, higher_is_better=settings["higher_is_better"])
-    payload = {
-        "environment": environment(command, resolved, settings),
-        "settings": settings,
-        "complete": not partial,
-        "wall_seconds": time.time() - started,
-        "results": rows,
-    }
-    write_json_file(out / "results.json", payload)
-    return payload
+def write_results(out: Path, payload: dict[str, Any]) -> dict[str, Any]:
+    """Write a results payload (e.g. edited by hand) back to ``out/results.json``."""
+    write_json_file(Path(out) / "results.json", payload)
+    return json.loads((Path(out) / "results.json").read_text())
 
 
-__all__ = ["DEFAULT_BUDGETS", "COMPARE_DEFAULTS", "compare", "resolve_methods", "options_for", "worker_threads",
-           "preflight", "unsupported_reason_kind_only", "needs_special_load", "skeleton", "run_isolated",
-           "run_in_process", "log_tail", "prepare_run_dir", "identity_of", "flat_options", "finished_run",
-           "write_results", "print_now"]
+__all__ = ["DEFAULT_BUDGETS", "COMPARE_DEFAULTS", "RECIPE_FLAGS", "COMPARE_FOLDERS", "default_output", "compare", "resolve_methods", "options_for",
+           "worker_threads", "preflight", "unsupported_reason_kind_only", "needs_special_load", "skeleton",
+           "run_isolated", "run_in_process", "log_tail", "prepare_run_dir", "identity_of", "flat_options",
+           "finished_run", "write_results", "print_now", "config_of", "reusable_tuning", "Comparison"]

@@ -27,6 +27,10 @@ COMPARE_KEYS = (
     "latency_precision", "samples", "metric_delta_vs_full", "pareto", "isolated", "wall_seconds", "cpu_seconds", "threads",
     "run_dir", "log",
     "train_config", "repeats", "seeds", "runs",
+    # intervals over seeds, the task score (GLUE convention), the check against the trivial baseline,
+    # where the learning rate came from (default, given, tuned) and which rows' intervals overlap
+    "metric_ci_low", "metric_ci_high", "score", "score_std", "score_ci_low", "score_ci_high",
+    "no_better_than_baseline", "baseline_test", "baseline_metric", "lr_source", "overlaps", "attempts",
 )
 # Numbers averaged over seeds with --repeats (and reported with a standard deviation).
 AVERAGED = ("metric", "train_seconds", "train_samples_per_second", "train_tokens_per_second", "peak_memory_mb",
@@ -52,8 +56,14 @@ def empty_row(name: str) -> dict[str, Any]:
     return row
 
 
-def aggregate(name: str, runs: list[dict[str, Any]], reason: str | None) -> dict[str, Any]:
-    """One row per method: the run itself, or with --repeats the mean (and std) over its seeds."""
+def aggregate(name: str, runs: list[dict[str, Any]], reason: str | None,
+              score_metrics: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """One row per method (and task): the run itself, or with --repeats the mean, standard deviation and 95%
+    t-interval over its seeds. ``score_metrics``: the metrics whose mean is the task's score (GLUE convention;
+    default the row's own metric)."""
+    from peftlab.compare.stats import seed_interval
+    from peftlab.compare.suite import task_score
+
     if reason:
         row = empty_row(name)
         row.update(status="unsupported", reason=reason, repeats=0, seeds=[])
@@ -81,6 +91,12 @@ def aggregate(name: str, runs: list[dict[str, Any]], reason: str | None) -> dict
     else:
         for key in WITH_STD:
             row[f"{key}_std"] = None
+    names = tuple(score_metrics or ((row.get("metric_name"),) if row.get("metric_name") else ()))
+    metric = seed_interval([r.get("metric") for r in ok])
+    score = seed_interval([task_score(r.get("metrics"), names) for r in ok])
+    row.update(metric_ci_low=metric and metric["low"], metric_ci_high=metric and metric["high"],
+               score=score and score["mean"], score_std=score and score["sd"], score_ci_low=score and score["low"],
+               score_ci_high=score and score["high"])
     if failed:
         row["status"] = "failed"
         row["error"] = "; ".join((f"seed {r.get('seed')}: " if len(runs) > 1 else "") + str(r.get("error"))
@@ -88,83 +104,38 @@ def aggregate(name: str, runs: list[dict[str, Any]], reason: str | None) -> dict
     return row
 
 
-def compare_rows(rows: list[dict[str, Any]], *, higher_is_better: bool) -> None:
-    """Fill in what each row is relative to the others: the metric minus the baseline's (the method that
-    trains all weights, when it finished) and whether the row is on the Pareto front."""
+def compare_rows(rows: list[dict[str, Any]], *, higher_is_better: bool,
+                 trivial: dict[str, Any] | None = None) -> None:
+    """Fill in what each row is relative to the others: the metric minus full fine-tuning's (the method that
+    trains all weights, when it finished); whether it is above the task's trivial baseline (``trivial``, from
+    :func:`peftlab.compare.baseline.trivial_baseline`) with confidence; which rows' 95% intervals overlap it;
+    and whether it is on the Pareto front (a row no better than the baseline never is)."""
+    from peftlab.compare.stats import intervals_overlap, no_better_than_baseline
     from peftlab.report import baseline, pareto_flags
 
     reference = baseline(rows)
     for row in rows:
         ok = row["status"] == "ok" and isinstance(row.get("metric"), (int, float))
         row["metric_delta_vs_full"] = row["metric"] - reference["metric"] if ok and reference else None
-    for row, flag in zip(rows, pareto_flags(rows, higher_is_better=higher_is_better)):
+        row["baseline_metric"] = trivial["metric"] if trivial else None
+        if ok and trivial:
+            seeds = [r.get("metric") for r in row.get("runs") or [] if r.get("status") == "ok"]
+            verdict = no_better_than_baseline(
+                row.get("metric_name") or trivial["metric_name"], row["metric"], trivial["metric"],
+                row.get("eval_examples"), higher_is_better=higher_is_better, seed_values=seeds,
+                metrics=row.get("metrics"), baseline_metrics=trivial.get("metrics"))
+            row["no_better_than_baseline"] = verdict.no_better
+            row["baseline_test"] = verdict.as_dict()
+        else:
+            row["no_better_than_baseline"] = None
+            row["baseline_test"] = None
+    for row in rows:
+        row["overlaps"] = [other["method"] for other in rows if other is not row and row["status"] == "ok"
+                           and other["status"] == "ok" and intervals_overlap(row, other)]
+    candidates = [row if not row.get("no_better_than_baseline") else {**row, "status": "no-better"} for row in rows]
+    for row, flag in zip(rows, pareto_flags(candidates, higher_is_better=higher_is_better)):
         row["pareto"] = flag
 
 
-# ---- console output ---------------------------------------------------------------------------------------
-
-def plan_banner(settings: dict[str, Any], reasons: dict[str, str | None], planned: int) -> str:
-    dev = f"{settings['max_eval_samples']:,} dev examples" if settings["max_eval_samples"] else "the whole dev set"
-    budget = (f"{settings['max_train_samples'] or 'all'} train examples x {settings['epochs']:g} epochs, {dev}, "
-              f"seed{'s' if len(settings['seeds']) > 1 else ''} {', '.join(map(str, settings['seeds']))}, "
-              f"precision {settings['precision']}")
-    lines = [f"peftlab compare: {len(settings['methods'])} method(s) on {settings['task']} with {settings['model']}",
-             f"  budget: {budget}",
-             f"  {planned} run(s), {'each in its own process' if settings['isolate'] else 'in this process'}; "
-             f"results in {settings['output']}"]
-    threads = settings.get("worker_threads") or {}
-    if threads.get("threads"):
-        lines.append(f"  threads: {threads['threads']} per worker, because {threads['why']}")
-    if settings["defaults_applied"]:
-        lines.append("  compare defaults used for: " + ", ".join(
-            f"{k}={settings['options'][k]}" for k in settings["defaults_applied"]))
-    for name, reason in reasons.items():
-        if reason:
-            lines.append(f"  {name}: unsupported here: {reason}")
-    return "\n".join(lines)
-
-
-def one_line(result: dict[str, Any]) -> str:
-    """A finished run in one line (``ok: dev accuracy 0.8123 · train 12.3 s · ...`` or ``FAILED: ...``)."""
-    if result.get("status") != "ok":
-        return f"FAILED: {result.get('error')}"
-    parts = [f"ok: dev {result.get('metric_name')} {result['metric']:.4f}"]
-    if result.get("train_seconds") is not None:
-        parts.append(f"train {result['train_seconds']:.1f} s")
-    if result.get("peak_memory_mb") is not None:
-        parts.append(f"peak {result['peak_memory_mb']:,.0f} MB")
-    if result.get("latency_ms_bs1") is not None:
-        parts.append(f"latency bs1 {result['latency_ms_bs1']:.1f} ms")
-    return " · ".join(parts)
-
-
-def eta(times: list[float], remaining: int) -> str:
-    if not times:
-        return f"{remaining} run(s) to go"
-    left = statistics.fmean(times) * remaining
-    return f"{remaining} run(s) to go, about {left / 60:.0f} min left" if left >= 90 else \
-        f"{remaining} run(s) to go, about {left:.0f} s left"
-
-
-def summary(payload: dict[str, Any], files: dict[str, Path]) -> str:
-    """The ranking printed at the end, with each method's difference to full fine-tuning."""
-    from peftlab.report import format_metric, ranked, trains_all_weights
-
-    settings = payload["settings"]
-    lines = [f"\nRanking by dev {settings['metric_name']} "
-             f"({'higher' if settings['higher_is_better'] else 'lower'} is better):"]
-    for rank, row in enumerate(ranked(payload["results"], settings["higher_is_better"]), start=1):
-        if row["status"] == "ok":
-            delta = row.get("metric_delta_vs_full")
-            lines.append(f"  {rank:>2}. {row['method']:<14} {format_metric(row, settings['metric_name'])}"
-                         f"{'' if delta is None or trains_all_weights(row) else f'  ({delta:+.4f} vs full)'}"
-                         f"{'  [Pareto]' if row.get('pareto') else ''}")
-        else:
-            detail = row.get("reason") or row.get("error") or ""
-            lines.append(f"   - {row['method']:<14} {row['status']}: {detail[:160]}")
-    lines.append(f"Report: {files.get('html')}  (also {files.get('markdown')}, results.json, results.csv)")
-    return "\n".join(lines)
-
-
 __all__ = ["METRIC_KEYS", "COMPARE_KEYS", "AVERAGED", "WITH_STD", "method_facts", "empty_row", "aggregate",
-           "compare_rows", "plan_banner", "one_line", "eta", "summary"]
+           "compare_rows"]

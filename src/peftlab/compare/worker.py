@@ -36,8 +36,12 @@ WORKER_ERROR = "error.txt"
 LOG_FILE = "compare.log"
 SPEC_FILE = "compare-spec.json"
 PARENT_PID_ENV = "PEFTLAB_COMPARE_PARENT"
+# The worker's exit status when a job failed in a way a retry would repeat (peftlab's own refusal, a
+# diverged run); any other failure (an exception, a signal) is retried once by the parent.
+DETERMINISTIC_EXIT = 1
+CRASH_EXIT = 3
 # TrainConfig fields that do not change what is trained (excluded when --resume checks a finished run).
-NOT_TRAINING = ("output", "resume", "progress", "keep_checkpoints", "logging_steps", "save_steps")
+NOT_TRAINING = ("output", "resume", "overwrite", "progress", "keep_checkpoints", "logging_steps", "save_steps")
 
 
 def training_identity(config) -> dict[str, Any]:
@@ -51,8 +55,8 @@ def training_identity(config) -> dict[str, Any]:
 def run_paths(spec: dict[str, Any]) -> dict[str, Any]:
     """Where a run's files are, relative to the comparison folder, as its row records them."""
     isolated = bool(spec.get("isolated", True))
-    return {"run_dir": f"runs/{spec['run_name']}", "log": f"runs/{spec['run_name']}/{LOG_FILE}" if isolated else None,
-            "isolated": isolated}
+    folder = spec.get("relative") or f"runs/{spec['run_name']}"
+    return {"run_dir": folder, "log": f"{folder}/{LOG_FILE}" if isolated else None, "isolated": isolated}
 
 
 # ---- methods defined outside peftlab ----------------------------------------------------------------------
@@ -121,15 +125,21 @@ def die_with_parent() -> None:
         sys.exit(143)
 
 
+def is_deterministic(error: BaseException) -> bool:
+    """Would running the job again fail the same way (peftlab's refusal, a diverged run)?"""
+    return isinstance(error, (PeftlabError, TrainingDiverged))
+
+
 def describe_error(error: BaseException) -> str:
     """A run's failure in one line: peftlab's own sentence, or the exception's type and message."""
-    if isinstance(error, (PeftlabError, TrainingDiverged)):
+    if is_deterministic(error):
         return str(error)
     return f"{type(error).__name__}: {error}".strip()
 
 
 def worker_main(argv: list[str]) -> int:
-    """``python -m peftlab.compare worker SPEC.json``: train and measure one method, write its result."""
+    """``python -m peftlab.compare worker SPEC.json``: one job (train and measure one method, or tune its learning
+    rate), its result written beside the spec."""
     if len(argv) != 2 or argv[0] != "worker":
         print("usage: python -m peftlab.compare worker SPEC.json", file=sys.stderr)
         return 2
@@ -139,7 +149,7 @@ def worker_main(argv: list[str]) -> int:
     run_dir = spec_path.parent
     quiet_libraries()
     try:
-        result = run_method(spec)
+        result = run_job_spec(spec)
     except KeyboardInterrupt:
         return 130
     except BaseException as error:  # noqa: BLE001 - reported to the parent as this method's failure
@@ -147,9 +157,24 @@ def worker_main(argv: list[str]) -> int:
         from peftlab.artifacts import atomic_write_text
 
         atomic_write_text(run_dir / WORKER_ERROR, describe_error(error) + "\n")
-        return 1
+        return DETERMINISTIC_EXIT if is_deterministic(error) else CRASH_EXIT
     write_json_file(run_dir / WORKER_RESULT, result)
     return 0
+
+
+def run_job_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """A job's work: ``spec["job"]`` is ``"run"`` (:func:`run_method`) or ``"tune"``
+    (:func:`peftlab.compare.tuning.tune_method`)."""
+    register_from_source(spec["options"]["method"], spec.get("method_source"))
+    if spec.get("job", "run") == "tune":
+        from peftlab.compare.tuning import tune_method
+
+        result = tune_method(spec)
+        from peftlab.training import config_from_options
+
+        result.update(status="ok", train_config=training_identity(config_from_options(spec["options"])))
+        return result
+    return run_method(spec)
 
 
 def run_method(spec: dict[str, Any]) -> dict[str, Any]:
@@ -180,7 +205,7 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
         status="ok", error=None, reason=None, mergeable=facts["mergeable"],
         trains_all_weights=facts["trains_all_weights"], adapter_bytes=folder_bytes(run_dir / ADAPTER_DIR),
         train_config=training_identity(config), cpu_seconds=cpu_seconds, threads=torch.get_num_threads(),
-        **run_paths(spec),
+        lr_source=spec.get("lr_source", "default"), **run_paths(spec),
     )
     if not spec.get("isolated", True) and hardware.device_type() == "cpu":
         result["peak_memory_note"] = ("not isolated: peak RSS of the whole compare process so far, "
@@ -197,7 +222,7 @@ def failed_result(spec: dict[str, Any], error: str, run_dir: Path) -> dict[str, 
     config = config_from_options(spec["options"])
     result = empty_row(config.method)
     result.update(status="failed", error=error, task=config.task, model=config.model, seed=config.seed,
-                  train_config=training_identity(config), **run_paths(spec))
+                  train_config=training_identity(config), lr_source=spec.get("lr_source"), **run_paths(spec))
     metrics_path = Path(run_dir) / "metrics.json"
     if metrics_path.is_file():  # it trained; the failure came after (divergence, inference)
         metrics = json.loads(metrics_path.read_text())
@@ -208,5 +233,6 @@ def failed_result(spec: dict[str, Any], error: str, run_dir: Path) -> dict[str, 
 
 
 __all__ = ["RESULT_FILE", "WORKER_RESULT", "WORKER_ERROR", "LOG_FILE", "SPEC_FILE", "PARENT_PID_ENV", "NOT_TRAINING",
-           "training_identity", "run_paths", "method_source", "register_from_source", "die_with_parent",
-           "quiet_libraries", "describe_error", "worker_main", "run_method", "failed_result"]
+           "DETERMINISTIC_EXIT", "CRASH_EXIT", "training_identity", "run_paths", "method_source",
+           "register_from_source", "die_with_parent", "quiet_libraries", "is_deterministic", "describe_error",
+           "worker_main", "run_job_spec", "run_method", "failed_result"]
