@@ -207,3 +207,29 @@ def test_serve_with_an_unreachable_repo_id_is_one_sentence(world, monkeypatch, c
     assert main(["serve", "--base", str(base), "--adapter", "x=me/not-here-at-all"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "me/not-here-at-all" in error and "HF_HUB_OFFLINE" in error
+
+
+def test_predict_and_merge_take_a_pushed_adapter_by_repo_id(world, tmp_path, monkeypatch):
+    """eval/predict/merge accept ORG/NAME wherever a folder works (a stand-in for snapshot_download)."""
+    import shutil
+
+    import huggingface_hub
+
+    import peftlab
+    from peftlab.adapter_check import check_adapter
+    from peftlab.merge import merge
+
+    base, run = world
+    hub_copy = hub.stage(check_adapter(run), tmp_path / "on-the-hub", "me/lora-tiny")
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, local_dir=None, **_):
+        shutil.copytree(hub_copy, local_dir, dirs_exist_ok=True)
+        return local_dir
+
+    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    by_id = peftlab.predict("me/lora-tiny", ["a gripping, funny film"])
+    by_folder = peftlab.predict(str(run), ["a gripping, funny film"])
+    assert by_id == by_folder and by_id[0]["label"] in ("neg", "pos")
+    report = merge("me/lora-tiny", tmp_path / "merged", samples=2, quiet=True)
+    assert report["method"] == "lora" and (tmp_path / "merged" / "config.json").is_file()

@@ -64,10 +64,12 @@ def load_trained(adapter: str | Path, *, device: str | None = None, base_model: 
 def checked_adapter(adapter: str | Path):
     """The one adapter check (``peftlab.adapter_check``) that eval, predict, merge, export and serve share:
     manifest, method, peft type against config and weights, safetensors only and complete, no custom code,
-    ``adapter_dir`` inside the run folder. A merged model is a transformers folder, not an adapter."""
+    ``adapter_dir`` inside the run folder. A merged model is a transformers folder, not an adapter. A Hub
+    repository id (``org/name``, pushed with ``peftlab push``) is fetched first."""
     from peftlab.adapter_check import check_adapter
+    from peftlab.hub import local_or_hub
 
-    checked = check_adapter(adapter)
+    checked = check_adapter(local_or_hub(adapter))
     if checked.merged:
         raise PeftlabError(f"'{adapter}' is a merged model (a `peftlab merge` output), not an adapter: load it with "
                            "transformers' from_pretrained, or pass it to `peftlab export --model`.")

@@ -229,9 +229,11 @@ def merge(adapter: str | os.PathLike, output: str | os.PathLike, *, samples: int
     import torch
     import transformers
 
+    from peftlab.hub import local_or_hub
     from peftlab.inference import checked_adapter, load_trained
     from peftlab.methods import get_method
 
+    adapter = local_or_hub(adapter)  # a Hub repository id (peftlab push) works like a folder
     checked = checked_adapter(adapter)  # before any work: the same check as eval, predict, export and serve
     manifest, adapter_dir = checked.manifest, checked.adapter_dir
     method = get_method(manifest.method, **(manifest.method_options or {}))

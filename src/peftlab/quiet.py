@@ -57,6 +57,7 @@ def quiet_libraries() -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars on every eval/predict
         datasets.disable_progress_bars()
         datasets.logging.set_verbosity_error()
     except ImportError:  # pragma: no cover
