@@ -1,13 +1,11 @@
 """Data-parallel training on CPU: DDP (torchrun, gloo) and DeepSpeed ZeRO-2/3 with 2 processes.
 
-The contract: with the same global batch, a 2-process run is the 1-process run. Per-step losses
-(DIR/log.jsonl, logging_steps=1) agree within 1e-5, the final adapters agree tensor for tensor,
-a ZeRO-3 run saves a complete adapter that reloads and predicts like the 1-process one, and a
-DDP run killed with SIGKILL after a checkpoint resumes to the same result. Dropout is off (in the
-model configs and LoRA's) because each rank draws its own dropout masks.
-
-Single-process references run in this process (CPU forced); the 2-process runs are
-``peftlab train --nproc 2`` subprocesses with CUDA hidden, so they use gloo on CPU everywhere.
+The contract (tests/ranks.py): with the same global batch, a 2-process run is the 1-process run:
+per-step losses within 1e-5, the final adapters tensor for tensor. A ZeRO-3 run builds the base
+partitioned (each rank holds about 1/N of it after loading), saves a complete adapter that reloads and
+predicts like the 1-process one, and a DDP run killed with SIGKILL after a checkpoint resumes to the
+same result. The launch options, the sharding plan's refusals and the rendezvous checks are tested
+without processes first.
 """
 
 from __future__ import annotations
@@ -15,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,13 +21,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from peftlab import distributed
 from peftlab.errors import PeftlabError
-
-LOSS_TOLERANCE = 1e-5
-RUN_TIMEOUT = 420
+from peftlab.training import TrainConfig
+from ranks import (COMMON, RUN_TIMEOUT, assert_same_run, make_models, rank_env, train_here, train_two_ranks,
+                   training_calls)
 
 
 # ---- configuration and argument handling (no processes) -------------------------------------------
@@ -142,113 +140,171 @@ def test_relaunch_rejects_a_bad_process_count(nproc):
         distributed.relaunch(nproc, ["train"])
 
 
+# ---- the sharding plan: refusals before any rank starts --------------------------------------------
+
+def plan(**fields) -> TrainConfig:
+    config = TrainConfig(method=fields.pop("method", "lora"), task="sst2", model="minilm",
+                         **{k: v for k, v in fields.items() if k in ("deepspeed", "offload")})
+    for name in ("fsdp", "fsdp_offload"):  # TrainConfig gains these with the FSDP integration
+        if name in fields:
+            object.__setattr__(config, name, fields[name])
+    return config
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(fsdp="full_shard", deepspeed="zero2"), "--fsdp full_shard and --deepspeed zero2 are two ways"),
+    (dict(fsdp="full_shard"), "this run has one: add --nproc N"),
+    (dict(fsdp_offload=True), "--fsdp-offload works with FSDP only"),
+    (dict(fsdp="shard_grad_op", offload="cpu"), "with --fsdp use --fsdp-offload"),
+    (dict(offload="cpu"), "works with DeepSpeed ZeRO only"),
+    (dict(method="qlora", deepspeed="zero3"), "ZeRO-3 cannot partition"),
+    (dict(method="qlora", fsdp="full_shard", fsdp_offload=True), "offload only the LoRA weights"),
+    (dict(fsdp="zero3"), "Unknown --fsdp 'zero3'. Valid values: full_shard, shard_grad_op, hybrid_shard."),
+])
+def test_plan_refusals_are_one_sentence(fields, message):
+    processes = 1 if fields.get("fsdp") == "full_shard" and len(fields) == 1 else 2
+    with pytest.raises(PeftlabError, match=message) as caught:
+        distributed.check_plan(plan(**fields), processes)
+    assert "\n" not in str(caught.value)
+
+
+def test_plans_that_run():
+    for fields in (dict(), dict(deepspeed="zero3", offload="cpu"), dict(fsdp="hybrid_shard", fsdp_offload=True),
+                   dict(method="qlora", deepspeed="zero2"), dict(method="full", fsdp="shard_grad_op")):
+        distributed.check_plan(plan(**fields), 2)
+    # accelerate 1.15 keeps bitsandbytes' 4-bit weights out of FSDP2's sharding: QLoRA + FSDP runs
+    assert distributed.accelerate_shards_around_4bit()
+    distributed.check_plan(plan(method="qlora", fsdp="full_shard"), 2)
+    assert distributed.forward_is_collective(plan(deepspeed="zero3"))
+    assert distributed.forward_is_collective(plan(fsdp="shard_grad_op"))
+    assert not distributed.forward_is_collective(plan(deepspeed="zero2"))
+    assert not distributed.forward_is_collective(plan())
+
+
+def test_training_arguments_for_each_engine(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.training_arguments(plan()) == {}
+    arguments = distributed.training_arguments(plan(deepspeed="zero3"))
+    assert arguments["deepspeed"]["zero_optimization"]["stage"] == 3
+    assert os.environ["WORLD_SIZE"] == "1"  # DeepSpeed without a launcher: a one-process group
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    fsdp = distributed.training_arguments(plan(fsdp="shard_grad_op", fsdp_offload=True))
+    assert fsdp["fsdp"] is True and "deepspeed" not in fsdp
+    assert fsdp["fsdp_config"]["version"] == 2 and fsdp["fsdp_config"]["reshard_after_forward"] is False
+    assert fsdp["fsdp_config"]["cpu_offload"] is True
+
+
+def test_auto_values_are_resolved_as_the_trainer_does_for_zero_init():
+    config = distributed.deepspeed_config("zero3", "cpu")
+    resolved = distributed.resolve_auto(config, batch_size=4, grad_accum=2, world_size=3, precision="bf16",
+                                        hidden_size=64)
+    assert "auto" not in json.dumps(resolved)
+    assert resolved["train_batch_size"] == 24 and resolved["train_micro_batch_size_per_gpu"] == 4
+    assert resolved["gradient_accumulation_steps"] == 2 and resolved["gradient_clipping"] == 1.0
+    assert resolved["bf16"]["enabled"] is True and resolved["fp16"]["enabled"] is False
+    zero = resolved["zero_optimization"]
+    assert zero["stage3_param_persistence_threshold"] == 640 and zero["reduce_bucket_size"] == 4096
+    assert zero["offload_param"]["device"] == "cpu"
+    assert config["train_batch_size"] == "auto"  # the Trainer's own copy keeps its "auto"
+    unknown = distributed.resolve_auto(config, batch_size=1, grad_accum=1, world_size=1, precision="fp32",
+                                       hidden_size=None)
+    assert "stage3_param_persistence_threshold" not in unknown["zero_optimization"]  # DeepSpeed's default
+
+
+# ---- multi-node launch options (no processes) -------------------------------------------------------
+
+@pytest.mark.parametrize("options, message", [
+    (dict(nnodes=2), "--nnodes 2 needs the address where the nodes meet"),
+    (dict(nnodes=2, master_addr="10.0.0.1"), "--master-addr needs --node-rank"),
+    (dict(nnodes=2, master_addr="10.0.0.1", node_rank=2), "between 0 and 1"),
+    (dict(nnodes=2, master_addr="a", node_rank=0, rdzv_endpoint="a:1"), "not both"),
+    (dict(master_addr="10.0.0.1"), "--master-addr is for a run over several machines"),
+    (dict(nnodes=2, rdzv_endpoint="h:1", node_rank=1), "go with --master-addr"),
+    (dict(nnodes=2, master_addr="h", node_rank=0, rdzv_id="x"), "--rdzv-id goes with --rdzv-endpoint"),
+    (dict(nnodes=2, rdzv_endpoint="h:port"), "--rdzv-endpoint's port must be a port number"),
+    (dict(nnodes=2, master_addr="h", node_rank=0, master_port=70000), "--master-port must be a port number"),
+    (dict(nnodes=0), "--nnodes must be a positive number"),
+    (dict(nnodes=2, rdzv_endpoint="h", rdzv_timeout=0), "--rdzv-timeout must be a positive"),
+])
+def test_launch_options_refusals(options, message):
+    with pytest.raises(PeftlabError, match=message):
+        distributed.LaunchOptions(**options).check()
+
+
+def test_torchrun_gets_the_rendezvous():
+    argv = ["train", "--nnodes", "2", "--node-rank=1", "--master-addr", "10.0.0.1", "--master-port", "1234",
+            "--rdzv-timeout", "30", "--nproc", "4", "--task", "sst2"]
+    static = distributed.LaunchOptions(nproc=4, nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=1234,
+                                       rdzv_timeout=30).check()
+    command = distributed.torchrun_command(static, argv)
+    assert command[-4:] == ["peftlab.cli", "train", "--task", "sst2"]
+    assert {"--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.1", "--master_port=1234", "--nproc_per_node=4",
+            "--rdzv_conf=timeout=30"} <= set(command) and "--standalone" not in command
+    elastic = distributed.LaunchOptions(nnodes=3, rdzv_endpoint="[::1]:4000", rdzv_id="job7").check()
+    command = distributed.torchrun_command(elastic, ["train"])
+    assert {"--rdzv_backend=c10d", "--rdzv_endpoint=::1:4000", "--rdzv_id=job7", "--nnodes=3"} <= set(command)
+    assert distributed.split_endpoint("node0") == ("node0", distributed.DEFAULT_RDZV_PORT)
+    assert distributed.LaunchOptions(nproc=2).torchrun_arguments() == ["--standalone", "--nproc_per_node=2"]
+    assert not distributed.LaunchOptions().needs_launcher
+    assert distributed.LaunchOptions(nnodes=2).needs_launcher  # one rank per node is still a launch
+
+
+def test_rendezvous_reachability_and_addresses():
+    assert distributed.is_local_address("127.0.0.1") and distributed.is_local_address("localhost")
+    assert not distributed.is_local_address("192.0.2.1")  # TEST-NET-1: never this machine
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        distributed.wait_for_rendezvous("127.0.0.1", server.getsockname()[1], 2)
+        free_port = server.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(PeftlabError, match=r"No rendezvous at 127.0.0.1:\d+: nothing accepted a connection there "
+                                           r"within 1 s\. Start the node that hosts it"):
+        distributed.wait_for_rendezvous("127.0.0.1", free_port, 1)
+    assert time.monotonic() - started < 10
+    with pytest.raises(PeftlabError, match="Cannot resolve the rendezvous host"):
+        distributed.wait_for_rendezvous("no-such-host.invalid", 1, 1)
+    node0 = distributed.LaunchOptions(nnodes=2, node_rank=0, master_addr="192.0.2.1").check()
+    with pytest.raises(PeftlabError, match="is not an address of this machine"):
+        distributed.check_host_side(node0)
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        taken = distributed.LaunchOptions(nnodes=2, node_rank=0, master_addr="127.0.0.1",
+                                          master_port=busy.getsockname()[1]).check()
+        with pytest.raises(PeftlabError, match="already in use"):
+            distributed.check_host_side(taken)
+
+
+def test_torchrun_failures_become_one_sentence():
+    static = distributed.LaunchOptions(nnodes=2, node_rank=0, master_addr="127.0.0.1", rdzv_timeout=5).check()
+    stuck = "torch.distributed.DistStoreError: Timed out after 6 seconds waiting for clients. 1/2 clients joined."
+    assert distributed.rendezvous_failure(stuck, static).startswith(
+        "The rendezvous at 127.0.0.1:29500 timed out after 5 s with 1 of 2 nodes")
+    unreachable = "RendezvousConnectionError: The connection to the C10d store has failed."
+    assert "could not be reached within 5 s" in distributed.rendezvous_failure(unreachable, static)
+    assert "already in use" in distributed.rendezvous_failure("EADDRINUSE: address already in use", static)
+    other = distributed.rendezvous_failure("Traceback\nValueError: something else\n", static)
+    assert other.startswith("torchrun stopped before any rank started (ValueError: something else)")
+
+
 # ---- 2-process runs against 1-process runs --------------------------------------------------------
-
-def _training_uses_distributed() -> bool:
-    import inspect
-
-    import peftlab.training
-
-    return "save_trained" in inspect.getsource(peftlab.training)
-
 
 # Until peftlab.training calls save_trained / epoch_evaluation (issue 7), a ZeRO-3 run would wait
 # forever in a rank-0-only evaluation: skip the multi-process runs with the reason instead.
-needs_integration = pytest.mark.skipif(not _training_uses_distributed(),
+needs_integration = pytest.mark.skipif(not training_calls("save_trained"),
                                        reason="peftlab.training does not call peftlab.distributed yet")
-
-COMMON = ["--task", "sst2", "--method", "lora", "--dropout", "0", "--precision", "fp32", "--epochs", "1",
-          "--logging-steps", "1", "--max-length", "32", "--eval-batch-size", "32", "--max-eval-samples", "32",
-          "--no-progress"]
+# ZeRO-3 builds the base partitioned only where training loads it inside distributed.model_init_context
+needs_zero3_init = pytest.mark.skipif(not training_calls("model_init_context", "training_arguments"),
+                                      reason="peftlab.training does not load under distributed.model_init_context yet")
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Two model folders with dropout off: a tiny random BERT, and the real minilm (weights linked)."""
-    import transformers
-
-    import tiny
-    from peftlab.models import resolve_model
-
-    root = tmp_path_factory.mktemp("models")
-    minilm_source = Path(resolve_model("minilm"))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm_source))
-    tiny_dir = root / "tiny-bert"
-    config = tiny.bert_config(vocab_size=tokenizer.vocab_size, max_position_embeddings=128,
-                              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    transformers.BertForSequenceClassification(config).save_pretrained(str(tiny_dir))
-    tokenizer.save_pretrained(str(tiny_dir))
-
-    minilm_dir = root / "minilm-no-dropout"
-    minilm_dir.mkdir()
-    for item in minilm_source.iterdir():
-        if item.name != "config.json":
-            (minilm_dir / item.name).symlink_to(item)
-    minilm_config = json.loads((minilm_source / "config.json").read_text())
-    minilm_config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (minilm_dir / "config.json").write_text(json.dumps(minilm_config))
-    return {"tiny": str(tiny_dir), "minilm": str(minilm_dir)}
-
-
-def train_here(args: list[str], data_dir: Path) -> None:
-    """One process, in this one, on CPU (the reference run)."""
-    from peftlab.cli import main
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.cuda, "is_available", lambda: False)
-        patch.delenv("WORLD_SIZE", raising=False)
-        patch.delenv("LOCAL_RANK", raising=False)
-        assert main(["train", *args, "--data-dir", str(data_dir)]) == 0
-
-
-def rank_env(data_dir: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(CUDA_VISIBLE_DEVICES="", PEFTLAB_DATA_DIR=str(data_dir), TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1")
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
-
-
-def train_two_ranks(args: list[str], data_dir: Path) -> str:
-    """``peftlab train ... --nproc 2``; its output (stdout and stderr) for the assertions."""
-    result = subprocess.run([sys.executable, "-m", "peftlab.cli", "train", *args, "--nproc", "2"],
-                            env=rank_env(data_dir), capture_output=True, text=True, timeout=RUN_TIMEOUT)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
-    return output
-
-
-def losses(run: Path) -> dict[int, float]:
-    """Training loss per step from log.jsonl (a resumed run logs some steps twice: the last wins)."""
-    values = {}
-    for line in (run / "log.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record.get("type") == "train" and "loss" in record:
-            values[record["step"]] = record["loss"]
-    return values
-
-
-def adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
-    files = sorted((run / "adapter").glob("*.safetensors"))
-    assert files, f"no weights in {run / 'adapter'}"
-    tensors = {}
-    for file in files:
-        tensors.update(load_file(str(file)))
-    return tensors
-
-
-def assert_same_run(reference: Path, run: Path) -> None:
-    expected, got = losses(reference), losses(run)
-    assert sorted(got) == sorted(expected) and len(expected) >= 8
-    worst = max(abs(expected[step] - got[step]) for step in expected)
-    assert worst <= LOSS_TOLERANCE, f"per-step losses differ by up to {worst:.2e}"
-    reference_tensors, tensors = adapter_tensors(reference), adapter_tensors(run)
-    assert sorted(tensors) == sorted(reference_tensors)
-    for name, value in reference_tensors.items():
-        assert tensors[name].shape == value.shape and tensors[name].numel() > 0, name
-        torch.testing.assert_close(tensors[name], value, rtol=0, atol=LOSS_TOLERANCE, msg=name)
+    return make_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")
@@ -281,6 +337,79 @@ def test_zero2_with_cpu_offload_matches_one_process(models, data_dir, tiny_refer
     train_two_ranks([*COMMON, "--model", models["tiny"], "--max-train-samples", "64", "--batch-size", "4",
                      "--deepspeed", "zero2", "--offload", "cpu", "--output", str(run)], data_dir)
     assert_same_run(tiny_reference, run)
+
+
+ZERO3_LOAD_PROBE = """
+import json, sys
+import deepspeed, torch
+from peftlab import distributed
+from peftlab.methods import get_method
+from peftlab.models import load_model
+from peftlab.training import TrainConfig
+
+model_dir, out = sys.argv[1], sys.argv[2]
+config = TrainConfig(method="lora", task="sst2", model=model_dir, deepspeed="zero3", precision="fp32", batch_size=4)
+with distributed.model_init_context(config):
+    model = load_model(model_dir, "seq-cls", label_names=["negative", "positive"])
+    local = sum(p.ds_tensor.numel() for p in model.parameters())
+    whole = sum(p.ds_numel for p in model.parameters())
+    method = get_method("lora", dropout=0.0)
+    method.total_steps = 1
+    model = method.apply(model, "seq-cls")
+from transformers.integrations import is_deepspeed_zero3_enabled
+with deepspeed.zero.GatheredParameters(list(model.parameters())):
+    logits = model(input_ids=torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])).logits
+json.dump({"local": local, "whole": whole, "logits": logits.tolist(), "zero3_after": is_deepspeed_zero3_enabled(),
+           "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad)},
+          open(f"{out}/rank{distributed.rank()}.json", "w"))
+"""
+
+
+def test_zero3_builds_the_base_partitioned_and_lora_applies_to_it(models, data_dir, tmp_path):
+    """Under distributed.model_init_context with ZeRO-3, each of 2 ranks allocates and loads about half of the
+    base (deepspeed.zero.Init through transformers' HfDeepSpeedConfig); LoRA applies to the partitioned model,
+    whose gathered weights give the same logits as a whole load."""
+    from peftlab.methods import get_method
+    from peftlab.models import load_model
+
+    script = tmp_path / "probe.py"
+    script.write_text(ZERO3_LOAD_PROBE)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), models["tiny"], str(tmp_path)], env=rank_env(data_dir),
+                            capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+    base = load_model(models["tiny"], "seq-cls", label_names=["negative", "positive"])
+    whole = sum(p.numel() for p in base.parameters())
+    method = get_method("lora", dropout=0.0)
+    method.total_steps = 1
+    reference = method.apply(base, "seq-cls")
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])).logits
+    trainable = sorted(n for n, p in reference.named_parameters() if p.requires_grad)
+    for report in reports:
+        assert report["whole"] == whole
+        assert 0.45 <= report["local"] / whole <= 0.55, f"rank holds {report['local'] / whole:.2f} of the base"
+        assert report["trainable"] == trainable and trainable
+        torch.testing.assert_close(torch.tensor(report["logits"]), expected, rtol=0, atol=1e-5)
+        assert report["zero3_after"] is False  # a later load in the process is whole again
+
+
+@needs_zero3_init
+def test_zero3_full_fine_tuning_built_partitioned_matches_one_process(models, data_dir, tmp_path):
+    """Every weight trains, every weight was partitioned at load: the saved model is whole and the same
+    (keys included: transformers' ZeRO-3 load path would otherwise save BERT's legacy gamma/beta names)."""
+    from ranks import common_for
+
+    reference, run = tmp_path / "one-process", tmp_path / "zero3-full"
+    options = [*common_for("full"), "--model", models["tiny"], "--max-train-samples", "64"]
+    train_here([*options, "--batch-size", "8", "--output", str(reference)], data_dir)
+    output = train_two_ranks([*options, "--batch-size", "4", "--deepspeed", "zero3", "--output", str(run)], data_dir)
+    assert_same_run(reference, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["trainable_params"] == metrics["total_params"] == json.loads(
+        (reference / "metrics.json").read_text())["total_params"], output[-2000:]  # counted whole, not the shard
 
 
 @needs_integration
