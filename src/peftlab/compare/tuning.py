@@ -45,6 +45,10 @@ def check_tune(parameter: str | None, trials: int | None) -> tuple[str | None, i
     trials = 8 if trials is None else trials
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise PeftlabError(f"--trials must be a positive whole number; got {trials!r}.")
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise PeftlabError("--tune needs Optuna: pip install 'peftlab[tune]' (or pip install optuna).") from None
     return parameter, trials
 
 
