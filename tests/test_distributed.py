@@ -158,7 +158,7 @@ def plan(**fields) -> TrainConfig:
     (dict(fsdp="shard_grad_op", offload="cpu"), "with --fsdp use --fsdp-offload"),
     (dict(offload="cpu"), "works with DeepSpeed ZeRO only"),
     (dict(method="qlora", deepspeed="zero3"), "ZeRO-3 cannot partition"),
-    (dict(method="qlora", fsdp="full_shard", fsdp_offload=True), "offload only the LoRA weights"),
+    (dict(fsdp="full_shard", fsdp_offload=True), "where a CPU run keeps them already"),
     (dict(fsdp="zero3"), "Unknown --fsdp 'zero3'. Valid values: full_shard, shard_grad_op, hybrid_shard."),
 ])
 def test_plan_refusals_are_one_sentence(fields, message):
@@ -168,8 +168,15 @@ def test_plan_refusals_are_one_sentence(fields, message):
     assert "\n" not in str(caught.value)
 
 
+def test_qlora_with_fsdp_offload_is_refused_on_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(PeftlabError, match="offload only the LoRA weights"):
+        distributed.check_plan(plan(method="qlora", fsdp="full_shard", fsdp_offload=True), 2)
+    distributed.check_plan(plan(method="lora", fsdp="full_shard", fsdp_offload=True), 2)
+
+
 def test_plans_that_run():
-    for fields in (dict(), dict(deepspeed="zero3", offload="cpu"), dict(fsdp="hybrid_shard", fsdp_offload=True),
+    for fields in (dict(), dict(deepspeed="zero3", offload="cpu"), dict(fsdp="hybrid_shard"),
                    dict(method="qlora", deepspeed="zero2"), dict(method="full", fsdp="shard_grad_op")):
         distributed.check_plan(plan(**fields), 2)
     # accelerate 1.15 keeps bitsandbytes' 4-bit weights out of FSDP2's sharding: QLoRA + FSDP runs
@@ -190,10 +197,12 @@ def test_training_arguments_for_each_engine(monkeypatch):
     assert os.environ["WORLD_SIZE"] == "1"  # DeepSpeed without a launcher: a one-process group
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    fsdp = distributed.training_arguments(plan(fsdp="shard_grad_op", fsdp_offload=True))
+    fsdp = distributed.training_arguments(plan(fsdp="shard_grad_op"))
     assert fsdp["fsdp"] is True and "deepspeed" not in fsdp
     assert fsdp["fsdp_config"]["version"] == 2 and fsdp["fsdp_config"]["reshard_after_forward"] is False
-    assert fsdp["fsdp_config"]["cpu_offload"] is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # offload is for GPUs
+    offloaded = distributed.training_arguments(plan(fsdp="full_shard", fsdp_offload=True))
+    assert offloaded["fsdp_config"]["cpu_offload"] is True
 
 
 def test_auto_values_are_resolved_as_the_trainer_does_for_zero_init():

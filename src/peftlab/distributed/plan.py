@@ -84,6 +84,12 @@ def check_plan(config, processes: int | None = None) -> None:
     if mode and processes < 2:
         raise PeftlabError(f"--fsdp {mode} shards the model across processes, and this run has one: add --nproc N "
                            "(N >= 2, one per GPU), or for one device use --deepspeed zero3 --offload cpu.")
+    if mode and offload:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise PeftlabError("--fsdp-offload moves parameters, gradients and optimizer state to host memory, where a "
+                               "CPU run keeps them already (and FSDP's offload pins memory, which needs CUDA): drop it.")
     if not _quantized_base(config.method):
         return
     stage = zero.zero_stage(zero.deepspeed_config(config.deepspeed, config.offload)) if config.deepspeed else 0
