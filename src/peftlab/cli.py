@@ -22,7 +22,8 @@ from peftlab.quiet import quiet_libraries
 _FLAG_NAMES = {"lr": "--lr", "output": "--output"}
 _HELP = {
     "method": "PEFT method (see `peftlab methods`)",
-    "task": "task name: sst2, mrpc, cola, rte, qnli, qqp, mnli, stsb, wnli, conll2003, imdb, alpaca, squad, or csv/tsv/jsonl for your own files",
+    "task": "task name: sst2, mrpc, cola, rte, qnli, qqp, mnli, stsb, wnli, conll2003, imdb, alpaca, squad, or "
+            "csv/tsv/jsonl/json for your own files (any kind: see the column options), hub with --dataset",
     "model": "Hub id, local folder, or a bundled offline model: minilm, smollm2",
     "report_to": "experiment tracking: none (default), tensorboard, trackio, mlflow, wandb; several comma-separated",
     "run_name": "the run's name in the trackers (default: the --output folder's name)",
@@ -39,6 +40,8 @@ _HELP = {
     "grad_accum": "gradient accumulation steps",
     "gradient_checkpointing": "recompute activations in the backward pass to save memory",
     "group_by_length": "batch examples of similar length together (less padding)",
+    "packing": "causal LM: pack several examples into each row of --max-length tokens, without attention across "
+               "examples (same loss as padded batches, fewer padding tokens; length grouping is then off)",
     "warmup_ratio": "fraction of steps with linear learning-rate warm-up (default: the method's own: 0.06, BitFit and P-tuning 0.1)",
     "weight_decay": "AdamW weight decay",
     "logging_steps": "log every N optimizer steps",
@@ -53,13 +56,23 @@ _HELP = {
     "offload": "with --deepspeed: offload optimizer (and zero3 parameters) to 'cpu'",
     "progress": "show the progress bar",
 }
-_TASK_FLAGS = {
-    "train_file": "your training file (.csv, .tsv or .jsonl) for --task csv/tsv/jsonl",
-    "dev_file": "your dev file, same format",
-    "text_column": "column holding the text",
-    "text_pair_column": "column holding the second text of a pair (optional)",
-    "label_column": "column holding the label (read as a string)",
-}
+
+
+def _task_flags():
+    """The flags of your own data (files or a Hub dataset): peftlab.tasks.own.OPTIONS, with their help."""
+    from peftlab.tasks.own import FLAG_OPTIONS, OPTIONS
+
+    return OPTIONS, FLAG_OPTIONS
+
+
+def _add_task_flags(group) -> None:
+    options, switches = _task_flags()
+    for name, help_text in options.items():
+        if name in switches:
+            group.add_argument("--" + name.replace("_", "-"), dest=name, action="store_const", const=True,
+                               default=None, help=help_text)
+        else:
+            group.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text)
 
 
 def _add_train_flags(parser: argparse.ArgumentParser, *, skip: set[str] = frozenset()) -> None:
@@ -83,9 +96,7 @@ def _add_train_flags(parser: argparse.ArgumentParser, *, skip: set[str] = frozen
                 kind = int if isinstance(default, int) or field.name.startswith("max_") else str
             general.add_argument(flag, dest=field.name, type=kind, default=None,
                                  help=f"{help_text} (default: {default})")
-    data = parser.add_argument_group("your own data (--task csv|tsv|jsonl)")
-    for name, help_text in _TASK_FLAGS.items():
-        data.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text)
+    _add_task_flags(parser.add_argument_group("your own data (--task csv|tsv|jsonl|json, or --dataset ORG/NAME)"))
 
     methods = parser.add_argument_group("method options (each applies to the methods that have it)")
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -158,7 +169,7 @@ def cmd_train(args, extra):
 def cmd_eval(args, extra):
     from peftlab.inference import evaluate
 
-    task_options = {k: getattr(args, k) for k in _TASK_FLAGS if getattr(args, k, None) is not None}
+    task_options = {k: getattr(args, k) for k in _task_flags()[0] if getattr(args, k, None) is not None}
     result = evaluate(args.adapter, task=args.task, data_dir=args.data_dir, max_eval_samples=args.max_eval_samples,
                       batch_size=args.batch_size, precision=args.precision, task_options=task_options,
                       generate=args.generate, max_new_tokens=args.max_new_tokens)
@@ -330,17 +341,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, set[str]]]:
     sub.add_argument("--precision", default="auto")
     sub.add_argument("--generate", type=int, default=0, metavar="N",
                      help="also generate for N dev examples and score the texts with the task's generation metric "
-                          "(billsum: ROUGE-L)")
+                          "(billsum: ROUGE-L; your own generative data: ROUGE-L, exact match, chrF); the samples go "
+                          "into the run's metrics.json")
     sub.add_argument("--max-new-tokens", type=int, default=64, help="with --generate: tokens generated per example")
-    for name, help_text in _TASK_FLAGS.items():
-        sub.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text)
+    _add_task_flags(sub)
     sub.set_defaults(handler=cmd_eval)
 
     sub = commands.add_parser("predict", help="predict with a trained adapter")
     sub.add_argument("--adapter", required=True, help="a train --output folder or a peft adapter folder")
     sub.add_argument("--text", action="append", help="an input text (repeatable)")
-    sub.add_argument("--input", help="a JSON Lines file: one {\"text\": ...} (or tokens / instruction, or "
-                                     "question and context) per line")
+    sub.add_argument("--input", help="a JSON Lines file: one {\"text\": ...} (or tokens / instruction, a "
+                                     "messages list for chat adapters, or question and context) per line")
     sub.add_argument("--question", action="append",
                      help="question answering: a question about --context (repeatable)")
     sub.add_argument("--context", help="question answering: the passage the answers are taken from")

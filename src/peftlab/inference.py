@@ -50,6 +50,9 @@ def load_trained(adapter: str | Path, *, device: str | None = None, base_model: 
     options = {k: v for k, v in manifest.method_options.items()}
     method = get_method(manifest.method, **options)
     tokenizer = load_tokenizer(manifest.model)
+    template = saved_chat_template(adapter_dir)
+    if template is not None:
+        tokenizer.chat_template = template  # what the run rendered its conversations with
     base = load_model(manifest.model, manifest.kind, label_names=manifest.label_names,
                       is_regression=manifest.is_regression, **method.model_load_kwargs())
     model = method.load(base, adapter_dir, manifest.kind)
@@ -59,6 +62,14 @@ def load_trained(adapter: str | Path, *, device: str | None = None, base_model: 
     model.eval()
     return Loaded(model=model, tokenizer=tokenizer, manifest=manifest, method=method, adapter_dir=adapter_dir,
                   run_dir=checked.folder if checked.from_run else None)
+
+
+def saved_chat_template(adapter_dir: str | Path | None) -> str | None:
+    """The chat template a run on conversations saved beside its weights (None: not a chat adapter)."""
+    from peftlab.tasks.own import CHAT_TEMPLATE_FILE
+
+    path = Path(adapter_dir) / CHAT_TEMPLATE_FILE if adapter_dir else None
+    return path.read_text(encoding="utf-8") if path is not None and path.is_file() else None
 
 
 def checked_adapter(adapter: str | Path):
@@ -113,7 +124,9 @@ def evaluate(adapter: str | Path, *, task: str | None = None, data_dir: str | No
              task_options: dict | None = None, loaded: Loaded | None = None, generate: int = 0,
              max_new_tokens: int = 64) -> dict[str, Any]:
     """Dev metrics of a trained adapter, reloaded from disk. ``generate=N`` also generates for N dev examples
-    and scores the texts with the task's generation metric (BillSum: ROUGE-L), under ``"generation"``."""
+    and scores the texts with the task's generation metric (BillSum: ROUGE-L; your own prompt/response, chat
+    and seq2seq data: ROUGE-L, exact match and chrF), under ``"generation"``, with the samples; a run folder's
+    ``metrics.json`` gets them too."""
     from peftlab import hardware
     from peftlab.evaluation import evaluate_model
     from peftlab.preprocess import tokenize
@@ -149,7 +162,22 @@ def evaluate(adapter: str | Path, *, task: str | None = None, data_dir: str | No
     if generate:
         result["generation"] = generation_scores(loaded, task_object, dev_raw.select(range(min(generate, len(dev_raw)))),
                                                  max_new_tokens=max_new_tokens)
+        record_generation(loaded.run_dir, result["generation"])
     return result
+
+
+def record_generation(run_dir: Path | None, generation: dict[str, Any]) -> None:
+    """Add the generation scores and samples to a run's ``metrics.json`` (a finished run folder only)."""
+    from peftlab.artifacts import METRICS, write_json
+
+    path = Path(run_dir) / METRICS if run_dir else None
+    if path is None or not path.is_file():
+        return
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return  # a damaged metrics.json is not eval's to repair
+    write_json(path, {**metrics, "generation": generation})
 
 
 def data_dir_for(manifest: RunManifest, data_dir: str | None) -> str | None:
@@ -171,11 +199,11 @@ def generation_scores(loaded: Loaded, task, rows, *, max_new_tokens: int = 64) -
         having = [name for name in _task_names_safe() if callable(getattr(_task_class(name), "generation_metrics", None))]
         raise PeftlabError(f"Task '{task.name}' has no generation metric to score generated text with "
                            f"(tasks that have one: {', '.join(having)}); leave out --generate.")
-    source_key, target_key = ("source", "target") if task.kind == TaskKind.SEQ2SEQ else ("prompt", "response")
+    kind = TaskKind(task.kind)
     started = time.perf_counter()
-    outputs = predict(loaded, [{source_key: row[source_key]} for row in rows], max_new_tokens=max_new_tokens)
+    outputs = predict(loaded, [kind.record_from_example(row) for row in rows], max_new_tokens=max_new_tokens)
     predictions = [output["generated"] for output in outputs]
-    references = [row[target_key] for row in rows]
+    references = [kind.reference_from_example(row) for row in rows]
     return {"metrics": scorer(predictions, references), "examples": len(rows), "max_new_tokens": max_new_tokens,
             "seconds": time.perf_counter() - started,
             "samples": [{"reference": r, "generated": p} for r, p in zip(references, predictions)]}
@@ -277,7 +305,7 @@ def entities_from_tags(tokens: list[str], tags: list[str]) -> list[dict[str, Any
     from seqeval.metrics.sequence_labeling import get_entities
 
     return [{"type": label, "text": " ".join(tokens[start:end + 1]), "start": start, "end": end + 1}
-            for label, start, end in getentities_from_tags(tags)]
+            for label, start, end in get_entities(tags)]
 
 
 def _generate(loaded: Loaded, chunk: list[dict], max_new_tokens: int, device) -> list[dict]:
@@ -287,14 +315,49 @@ def _generate(loaded: Loaded, chunk: list[dict], max_new_tokens: int, device) ->
         encoded = tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(device)
         output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False)
         return [{"source": t, "generated": tokenizer.decode(o, skip_special_tokens=True)} for t, o in zip(texts, output)]
-    prompts = [format_prompt(loaded, r) for r in chunk]
+    template = chat_template_for(loaded)
+    rendered = [render_prompt(loaded, r, template) for r in chunk]
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    # a rendered chat already holds the template's special tokens: the tokenizer adds none of its own
+    encoded = tokenizer.pad([tokenizer(text, add_special_tokens=not chat) for text, chat in rendered],
+                            return_tensors="pt").to(device)
     output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
                             pad_token_id=tokenizer.pad_token_id)
     new_tokens = output[:, encoded["input_ids"].shape[1]:]
-    return [{"prompt": r["prompt"], "generated": tokenizer.decode(o, skip_special_tokens=True).strip()}
-            for r, o in zip(chunk, new_tokens)]
+    return [{**({"messages": r["messages"]} if "messages" in r else {"prompt": r["prompt"]}),
+             "generated": tokenizer.decode(o, skip_special_tokens=True).strip()} for r, o in zip(chunk, new_tokens)]
+
+
+def chat_template_for(loaded: Loaded) -> str | None:
+    """The chat template an adapter trained on conversations saved (None: it was not trained on chats)."""
+    return saved_chat_template(loaded.adapter_dir)
+
+
+def render_prompt(loaded: Loaded, record: dict, template: str | None) -> tuple[str, bool]:
+    """(the text generation continues, whether the chat template rendered it).
+
+    A chat adapter (``template``) renders a conversation, or wraps a bare text as the user's turn, through the
+    template it was trained with, ending where the assistant's answer starts. A conversation for another
+    adapter goes through the tokenizer's own template; other records get the task's prompt template."""
+    from peftlab.preprocess import render_chat
+    from peftlab.tasks.chat import user_turn
+
+    if "messages" not in record and (template is None or record.get("raw_key") == "prompt"):
+        return format_prompt(loaded, record), False
+    messages = record.get("messages") or user_turn(format_text(record))
+    tokenizer = loaded.tokenizer
+    if template is None and not getattr(tokenizer, "chat_template", None):
+        raise PeftlabError("This adapter was not trained on conversations and its tokenizer has no chat template: "
+                           "give the input as text ({\"text\": ...}) instead of messages.")
+    if template is not None and tokenizer.chat_template != template:
+        tokenizer.chat_template = template
+    return render_chat(tokenizer, messages, "the input", add_generation_prompt=True), True
+
+
+def format_text(record: dict) -> str:
+    """A bare input's text, with its 'input' field (alpaca's second part) after a blank line when given."""
+    extra = record.get("input") or ""
+    return f"{record['prompt']}\n\n{extra}" if extra.strip() else record["prompt"]
 
 
 def format_prompt(loaded: Loaded, record: dict) -> str:

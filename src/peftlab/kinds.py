@@ -84,6 +84,10 @@ class TaskKind(StrEnum):
         if self is TaskKind.TOKEN_CLS:
             return {"tokens": list(row["tokens"])}
         if self is TaskKind.CAUSAL_LM:
+            if row.get("messages"):  # a conversation: everything before its last answer
+                from peftlab.tasks.chat import split_last_answer
+
+                return {"messages": split_last_answer(list(row["messages"]))[0]}
             return {"prompt": row["prompt"]}
         if self is TaskKind.SEQ2SEQ:
             return {"source": row["source"]}
@@ -97,6 +101,10 @@ class TaskKind(StrEnum):
     def reference_from_example(self, row: dict[str, Any]) -> Any:
         """The text a generative row expects (causal LM: ``response``; seq2seq: ``target``); None otherwise."""
         if self is TaskKind.CAUSAL_LM:
+            if row.get("messages"):  # a conversation: its last answer
+                from peftlab.tasks.chat import split_last_answer
+
+                return split_last_answer(list(row["messages"]))[1]
             return row.get("response")
         if self is TaskKind.SEQ2SEQ:
             return row.get("target")
@@ -115,6 +123,14 @@ class TaskKind(StrEnum):
                     f"(missing: {', '.join(missing)}); on the command line use --question ... --context "
                     "..., in a JSON Lines file {\"question\": ..., \"context\": ...} per line.")
             return fields
+        if self is TaskKind.CAUSAL_LM and (isinstance(value, list) or (isinstance(value, dict) and "messages" in value)):
+            from peftlab.tasks.chat import normalize_messages  # a conversation to continue (chat adapters)
+
+            messages = normalize_messages(value["messages"] if isinstance(value, dict) else value, where)
+            if messages[-1]["role"] == "assistant":
+                raise PeftlabError(f"{where}: the conversation ends with an assistant message; end it with the user's "
+                                   "turn for the model to answer.")
+            return {"messages": messages}
         if isinstance(value, str):
             value = {"text": value}
         if not isinstance(value, dict):
@@ -131,7 +147,7 @@ class TaskKind(StrEnum):
             for key in ("prompt", "instruction", "text"):
                 if key in value:
                     return {"prompt": str(value[key]), "input": str(value.get("input", "")), "raw_key": key}
-            raise PeftlabError(f"{where}: needs 'text', 'instruction' or 'prompt'.")
+            raise PeftlabError(f"{where}: needs 'text', 'instruction', 'prompt' or 'messages'.")
         if self is TaskKind.SEQ2SEQ:
             for key in ("source", "text"):
                 if key in value:

@@ -1,4 +1,4 @@
-"""Task scores, computed with scikit-learn, scipy and seqeval.
+"""Task scores, computed with scikit-learn, scipy, seqeval, rouge_score and sacrebleu.
 
 ``evaluate.load`` fetches metric scripts from the Hub and fails offline, so the standard GLUE and
 CoNLL definitions are computed directly with the libraries those scripts wrap.
@@ -6,6 +6,7 @@ CoNLL definitions are computed directly with the libraries those scripts wrap.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -68,3 +69,38 @@ def entities(predicted_tags: list[list[str]], reference_tags: list[list[str]]) -
 def language_modeling(mean_loss: float) -> dict[str, float]:
     """Mean token cross-entropy (nats) and its exponential; perplexity is capped at e^50."""
     return {"loss": float(mean_loss), "perplexity": float(math.exp(min(mean_loss, 50.0)))}
+
+
+def rouge_l(prediction: str, reference: str) -> dict[str, float]:
+    """ROUGE-L precision, recall and F1 of one generated text against one reference (Google's ``rouge_score``,
+    the scorer behind ``evaluate``'s "rouge"; Porter stemming on, as Hugging Face's summarisation examples)."""
+    score = _rouge_l_scorer().score(reference, prediction)["rougeL"]
+    return {"precision": score.precision, "recall": score.recall, "f1": score.fmeasure}
+
+
+@functools.cache
+def _rouge_l_scorer():
+    """One scorer for the process (building it sets up the tokenizer and stemmer)."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """1.0 when the texts are equal after stripping and collapsing whitespace (case and punctuation count)."""
+    return float(" ".join(prediction.split()) == " ".join(reference.split()))
+
+
+def generation(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Generated texts against references: mean ROUGE-L F1 (``rougeL``), exact match, and corpus chrF
+    (sacrebleu's ``CHRF()``, character 6-grams, beta 2; as a fraction in [0, 1] like the other scores)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        return {"rougeL": 0.0, "exact_match": 0.0, "chrf": 0.0}
+    from sacrebleu.metrics import CHRF
+
+    n = len(predictions)
+    return {"rougeL": sum(rouge_l(p, r)["f1"] for p, r in zip(predictions, references)) / n,
+            "exact_match": sum(exact_match(p, r) for p, r in zip(predictions, references)) / n,
+            "chrf": CHRF().corpus_score(list(predictions), [list(references)]).score / 100.0}

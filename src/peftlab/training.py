@@ -67,6 +67,7 @@ class TrainConfig:
     grad_accum: int = field(default=1, metadata=limits(min=1))
     gradient_checkpointing: bool = False
     group_by_length: bool = True
+    packing: bool = False  # causal LM: several examples per row, no cross-example attention (preprocess.PackingCollator)
     # None: the method's own (Method.warmup_ratio). Below 1: the Trainer reads warmup_steps >= 1 as steps.
     warmup_ratio: float | None = field(default=None, metadata=limits(min=0, below=1))
     weight_decay: float = field(default=0.0, metadata=limits(min=0))
@@ -193,7 +194,7 @@ def prepare(config: TrainConfig, *, world_size: int | None = None) -> Prepared:
 
     from peftlab import distributed
     from peftlab.models import load_model, load_tokenizer
-    from peftlab.preprocess import tokenize
+    from peftlab.preprocess import check_packing, tokenize
 
     method, task = build_method(config), build_task(config)
     train_raw = select(task.load("train", config.data_dir), config.max_train_samples, config.seed)
@@ -202,7 +203,7 @@ def prepare(config: TrainConfig, *, world_size: int | None = None) -> Prepared:
     label_names = task.labels_from(train_raw)
 
     transformers.set_seed(config.seed)
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = task.prepare_tokenizer(load_tokenizer(config.model))  # own chat data: --chat-template
     model = load_model(config.model, task.kind, label_names=label_names, is_regression=task.is_regression,
                        **method.model_load_kwargs())
     method.check_supported(model, task.kind)
@@ -219,6 +220,8 @@ def prepare(config: TrainConfig, *, world_size: int | None = None) -> Prepared:
     total_steps = optimizer_steps(len(train_data), config.batch_size, config.grad_accum, world_size, config.epochs)
     method.total_steps = total_steps
     model = method.apply(model, task.kind)
+    if config.packing:
+        check_packing(model, task.kind)  # one sentence unless packed rows give exactly the unpacked logits
     return Prepared(config=config, method=method, task=task, tokenizer=tokenizer, model=model,
                     label_names=label_names, labels_from_data=labels_from_data, train_raw=train_raw,
                     dev_raw=dev_raw, train_data=train_data, dev_data=dev_data, world_size=world_size,
@@ -340,7 +343,7 @@ def build_trainer(prepared: Prepared, precision: str, parts: TrainingParts | Non
         **tracking.trainer_settings(config.report_to, config.run_name, config.output_dir()),
         disable_tqdm=True,  # replaced by ProgressBar
         remove_unused_columns=False,
-        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        train_sampling_strategy="group_by_length" if config.group_by_length and not config.packing else "random",
         length_column_name="length",
         dataloader_num_workers=0,
         optim=optim,
@@ -367,7 +370,8 @@ def build_trainer(prepared: Prepared, precision: str, parts: TrainingParts | Non
     callbacks += [*method.training_callbacks(model), *parts.callbacks]
 
     data_collator = parts.collator or collator(
-        task.kind, prepared.tokenizer, pad_to_multiple_of=8 if hardware.device_type() == "cuda" else None)
+        task.kind, prepared.tokenizer, pad_to_multiple_of=8 if hardware.device_type() == "cuda" else None,
+        pack_to=config.max_length if config.packing else None)
     trainer = PeftlabTrainer(model=model, args=args, train_dataset=prepared.train_data, data_collator=data_collator,
                              processing_class=prepared.tokenizer, callbacks=callbacks,
                              optimizer_factory=optimizer_factory)
@@ -459,6 +463,7 @@ def report(built: BuiltTrainer, times: RunTimes, final: dict[str, Any], adapter_
         precision=built.precision, peftlab_version=__version__, data_dir=remembered_data_dir(task, config.data_dir),
     )
     manifest.save(output)
+    task.save_with_adapter(adapter_dir, prepared.tokenizer)  # own chat data: the chat template it rendered with
 
     # Throughput counts the examples and real tokens this process trained on (resumed runs: only
     # the steps after the resume point are timed, so scale by the steps actually run here).
@@ -513,7 +518,8 @@ def report(built: BuiltTrainer, times: RunTimes, final: dict[str, Any], adapter_
 
 def _task_options_for_manifest(prepared: Prepared) -> dict[str, Any]:
     """The task options to reload the run with: a label set read off the data (or given) is saved with it."""
-    options = absolute_paths(dict(prepared.config.task_options), validation.path_options())  # eval from anywhere
+    options = absolute_paths({**prepared.config.task_options, **prepared.task.recorded_options()},
+                             validation.path_options())  # eval from anywhere; a dev split made here
     if prepared.label_names is not None and (prepared.labels_from_data or "label_names" in options):
         options["label_names"] = prepared.label_names
     return {k: v for k, v in options.items() if v is not None}
@@ -523,6 +529,7 @@ def _banner(prepared: Prepared, trainable: int, total: int, precision: str, resu
     config, method, task = prepared.config, prepared.method, prepared.task
     lines = [
         f"peftlab train: {method.name} ({method.category}) on {task.name} with {config.model}",
+        f"  task: {task.description}{' · packed rows' if config.packing else ''}",
         f"  trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)",
         f"  {len(prepared.train_data):,} train / {len(prepared.dev_data):,} dev examples · {config.epochs:g} epochs · "
         f"{prepared.total_steps} steps · batch {prepared.effective_batch} · lr {method.learning_rate:g} · {precision}",
@@ -557,8 +564,7 @@ def config_from_options(options: dict[str, Any], *, sources: dict[str, str] | No
     options.update(validation.check_method_values(
         method_class, {k: v for k, v in options.items() if k not in fields}, sources))
     method_fields = {f.name for f in method_class.option_fields()}
-    task_keys = {"train_file", "dev_file", "text_column", "text_pair_column", "label_column", "label_names",
-                 "regression"}
+    from peftlab.tasks.own import OPTION_NAMES as task_keys
     values: dict[str, Any] = {"method_options": dict(options.pop("method_options", {}) or {}),
                               "task_options": dict(options.pop("task_options", {}) or {})}
     unknown = []
@@ -571,6 +577,8 @@ def config_from_options(options: dict[str, Any], *, sources: dict[str, str] | No
             values["task_options"][key] = value
         else:
             unknown.append(key)
+    if values["task_options"].get("dataset") and "task" not in values:
+        values["task"] = "hub"  # --dataset ORG/NAME alone names the task
     if unknown:
         raise PeftlabError(
             f"Unknown option{'s' if len(unknown) > 1 else ''} {', '.join(repr(u) for u in sorted(unknown))} "

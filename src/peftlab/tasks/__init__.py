@@ -21,11 +21,15 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "guanaco": ("peftlab.tasks.guanaco", "GuanacoTask"),
     "imdb-gen": ("peftlab.tasks.imdb_gen", "ImdbGenTask"),
     "squad": ("peftlab.tasks.squad", "SquadTask"),
-    # the user's own files: --task csv|tsv|jsonl --train-file ... --text-column ... --label-column ...
+    # the user's own files, any kind: --task csv|tsv|jsonl|json --train-file ... and the column options
     "csv": ("peftlab.tasks.files", "FileTask"),
     "tsv": ("peftlab.tasks.files", "FileTask"),
     "jsonl": ("peftlab.tasks.files", "FileTask"),
+    "json": ("peftlab.tasks.files", "FileTask"),
+    # any Hub dataset (or local dataset folder) with the same column options: --dataset ORG/NAME
+    "hub": ("peftlab.tasks.hub_dataset", "HubDatasetTask"),
 }
+OWN_DATA_TASKS = ("csv", "tsv", "jsonl", "json", "hub")  # built from the user's options, never from a data folder
 
 
 def task_names() -> list[str]:
@@ -47,4 +51,5 @@ def get_task(name: str, **options) -> Task:
     return factory(name, **options)
 
 
-__all__ = ["Task", "TASK_KINDS", "DATA_DIR_ENV", "get_task", "task_names", "register_task", "resolve_data_dir"]
+__all__ = ["Task", "TASK_KINDS", "DATA_DIR_ENV", "OWN_DATA_TASKS", "get_task", "task_names", "register_task",
+           "resolve_data_dir"]

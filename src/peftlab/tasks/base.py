@@ -98,6 +98,17 @@ class Task:
         GLUE's own names stored ``"0"``/``"1"`` (:meth:`peftlab.tasks.glue.GlueTask.use_saved_label_names`);
         other tasks have nothing to adapt."""
 
+    def prepare_tokenizer(self, tokenizer):
+        """The tokenizer as this task renders with it (own chat data: ``--chat-template``); unchanged by default."""
+        return tokenizer
+
+    def save_with_adapter(self, adapter_dir: Path, tokenizer) -> None:
+        """Write what predict and serve need beside the trained weights (own chat data: the chat template)."""
+
+    def recorded_options(self) -> dict[str, Any]:
+        """Options the run must remember beyond those given (a dev split made here: its fraction and seed)."""
+        return {}
+
     def compute_metrics(self, predictions, references) -> dict[str, float]:  # pragma: no cover
         """``predictions`` and ``references`` in the task's own terms (label ids, tag lists, ...)."""
         raise NotImplementedError

@@ -20,11 +20,11 @@ stemmer, as in Hugging Face's summarisation examples.
 
 from __future__ import annotations
 
-import functools
 import re
 from pathlib import Path
 
 from peftlab import metrics
+from peftlab.metrics import rouge_l
 from peftlab.errors import PeftlabError
 from peftlab.kinds import TaskKind
 from peftlab.tasks.base import Task, load_hub_dataset
@@ -39,21 +39,6 @@ _SPACES = re.compile(r"\s+")
 def clean(text: str) -> str:
     """Collapse every whitespace run (the bills' indentation and line breaks) into one space."""
     return _SPACES.sub(" ", text).strip()
-
-
-def rouge_l(prediction: str, reference: str) -> dict[str, float]:
-    """ROUGE-L precision, recall and F1 of one generated text against one reference (``rouge_score``,
-    Porter stemming on, as Hugging Face's summarisation examples score BillSum)."""
-    score = _rouge_l_scorer().score(reference, prediction)["rougeL"]
-    return {"precision": score.precision, "recall": score.recall, "f1": score.fmeasure}
-
-
-@functools.cache
-def _rouge_l_scorer():
-    """One scorer for the process (building it sets up the tokenizer and stemmer)."""
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
 class BillsumTask(Task):

@@ -159,8 +159,9 @@ def read_rows(
     """(line number, row dict) for every data row of a CSV/TSV/JSON Lines file.
 
     ``delimiter=""`` picks by extension; ``None`` reads JSON Lines (or a JSON list). ``header`` is
-    True to read column names from the first line, or the list of names for headerless files
-    (CoLA's GLUE files). Line numbers are 1-based physical lines (where the record starts); for a
+    True to read column names from the first line, the list of names for headerless files
+    (CoLA's GLUE files), or False for a headerless file whose columns are named by position
+    (``"0"``, ``"1"``, ...). Line numbers are 1-based physical lines (where the record starts); for a
     JSON list they are the line each object starts on.
 
     ``columns`` are the columns the caller needs. When the header lacks them (or, without
@@ -202,6 +203,14 @@ def _open_delimited(path: Path, text: str, delimiter: str, quoting: int, header:
     # \u2028, ... which occur inside real review text) and leaves the csv module to handle quoted
     # newlines.
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+    if header is False:  # no header row: the columns are named by position, "0", "1", ...
+        probe = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+        try:
+            first = next((row for row in probe if row and any(v.strip() for v in row)), [])
+        except csv.Error as error:
+            raise PeftlabError(f"{path}, line {probe.line_num}: cannot parse the row ({error}); check the quoting.") \
+                from None
+        return reader, [str(i) for i in range(len(first))], 0
     if header is not True:
         return reader, list(header), 0
     first: list[str] = []
