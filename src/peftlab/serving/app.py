@@ -4,7 +4,9 @@
 ``POST /v1/predict``       ``{"adapter": "sst2", "inputs": ["text", {"text": .., "text_pair": ..},
                            {"tokens": [..]}]}`` -> ``{"adapter", "outputs": [...]}`` (classification,
                            regression, tagging; the same objects as ``peftlab predict``)
-``POST /v1/generate``      ``{"adapter": .., "inputs": [..], "max_new_tokens": 32}`` (causal LMs)
+``POST /v1/generate``      ``{"adapter": .., "inputs": [..], "max_new_tokens": 32}`` (causal LMs; an input
+                           may be a conversation, ``{"messages": [{"role", "content"}, ..]}``, which a
+                           chat adapter renders with the chat template it was trained with)
 ``GET /v1/adapters``       the loaded adapters (name, method, task, kind, labels, group, ...; no paths)
 ``POST /v1/adapters``      ``{"name": .., "path": ..}`` loads one at run time (only with ``admin``; 201;
                            409 name taken; 422 refused, with the reason)
@@ -352,9 +354,12 @@ def _valid_unicode(value: Any) -> bool:
 
 
 def _text_size(item: Any) -> int:
-    """Characters in an input (strings, or the text-like fields of an object)."""
+    """Characters in an input (strings, the text-like fields of an object, or a conversation's messages)."""
     if isinstance(item, str):
         return len(item)
+    messages = item if isinstance(item, list) else item.get("messages") if isinstance(item, dict) else None
+    if isinstance(messages, list):  # a conversation: all of its text counts
+        return sum(len(str(m.get("content", m.get("value", "")))) for m in messages if isinstance(m, dict))
     if isinstance(item, dict):
         total = 0
         for key in ("text", "text_pair", "prompt", "instruction", "input", "source"):
