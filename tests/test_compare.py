@@ -100,8 +100,19 @@ def test_compare_writes_every_file_with_sane_numbers(tiny_compare):
     assert rows["lora"]["latency_ms_bs1_merged"] > 0 and rows["bitfit"]["latency_ms_bs32_merged"] > 0
     assert rows["prompt-tuning"]["latency_ms_bs1_merged"] is None
     assert rows["prompt-tuning"]["trainable_params"] < rows["bitfit"]["trainable_params"] < rows["lora"]["trainable_params"]
-    assert any(row["pareto"] for row in rows.values())
-    assert rows["prompt-tuning"]["pareto"]  # the smallest method is always on the front
+    # issue 16: the front is taken over the methods above the trivial baseline (at this tiny budget all three may
+    # sit on the majority class); a method no better than the baseline is never on it
+    from peftlab.report import pareto_flags
+
+    trivial = payload["baselines"]["sst2"]
+    assert trivial["metric_name"] == "accuracy" and trivial["eval_examples"] == 64 and 0 < trivial["metric"] < 1
+    candidates = [r if not r["no_better_than_baseline"] else {**r, "status": "no-better"} for r in rows.values()]
+    assert [r["pareto"] for r in rows.values()] == pareto_flags(candidates, higher_is_better=True)
+    for row in rows.values():
+        assert row["baseline_metric"] == trivial["metric"] and row["baseline_test"]["test"] != "none"
+        assert not (row["pareto"] and row["no_better_than_baseline"])
+    if not rows["prompt-tuning"]["no_better_than_baseline"]:
+        assert rows["prompt-tuning"]["pareto"]  # the smallest method above the baseline is always on the front
 
     with (output / "results.csv").open() as stream:
         table = list(csv.DictReader(stream))

@@ -189,8 +189,11 @@ def finished_run(run_dir: Path, config, file: str = RESULT_FILE) -> dict[str, An
         return None
     wanted = training_identity(config)
     had = previous.get("train_config") or {}
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
     differences = [f"{key} {had.get(key)!r} -> {wanted.get(key)!r}" for key in sorted(set(wanted) | set(had))
-                   if key != "data_dir" and had.get(key) != wanted.get(key)]
+                   if key != "data_dir" and had.get(key) != wanted.get(key)
+                   # an option added to TrainConfig after that run was written, left at its default
+                   and not (key not in had and wanted.get(key) == defaults.get(key))]
     if differences:
         raise PeftlabError(
             f"'{run_dir}' was trained with other options than this comparison asks for ({'; '.join(differences)}). "

@@ -11,7 +11,9 @@ TPE chooses each rate from the scores of the earlier ones; different cells tune 
   **of the method's default** (or the rate a recipe gives it); the first trial is the default itself, so
   the chosen rate scores at least the default's on the validation split;
 * each trial reports its validation score after every epoch, and Optuna's median pruner stops a trial
-  whose score is below the median of the earlier trials at the same epoch;
+  whose score is below the median of the earlier trials at the same epoch, from the second epoch on and once
+  two trials have finished (the first epoch of a small budget says little: measured on P-Tuning, trials
+  pruned after epoch 1 had higher epoch-1 scores than the default's final one);
 * the best trial's rate is chosen and recorded (``tune.json`` in the cell's folder, ``results.json``'s
   ``tuning``); the reported runs then train on the whole training budget with it.
 """
@@ -135,7 +137,7 @@ def tune_method(spec: dict[str, Any]) -> dict[str, Any]:
     low, high = default_lr / SEARCH_FACTOR, default_lr * SEARCH_FACTOR
     direction = "maximize" if task.higher_is_better else "minimize"
     study = optuna.create_study(direction=direction, sampler=optuna.samplers.TPESampler(seed=config.seed),
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0))
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
     study.enqueue_trial({"lr": default_lr})
     records: list[dict[str, Any]] = []
     validation = {}
