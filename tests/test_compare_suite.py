@@ -354,7 +354,7 @@ def test_tune_lr_carves_validation_from_train_and_the_runs_use_the_chosen_rate(w
     monkeypatch.setenv("PEFTLAB_DATA_DIR", str(data))
     payload = compare(methods="bitfit", output=tmp_path / "tuned", tasks="sst2", tune="lr", trials=3, isolate=False,
                       echo=lambda m: None, latency=FAST_LATENCY,
-                      train_options={"model": str(base), **TINY_OPTIONS, "epochs": 2})
+                      train_options={"model": str(base), **TINY_OPTIONS, "epochs": 2, "report_to": "tensorboard"})
     [tuning] = payload["tuning"]
     assert tuning["status"] == "ok" and tuning["trials"] == 3 and len(tuning["trial_records"]) == 3
     assert tuning["validation_examples"] == round(0.2 * TINY_OPTIONS["max_train_samples"])
@@ -369,3 +369,6 @@ def test_tune_lr_carves_validation_from_train_and_the_runs_use_the_chosen_rate(w
     assert (tmp_path / "tuned" / "tuning" / "bitfit" / "tune.json").is_file()
     assert not list((tmp_path / "tuned" / "tuning" / "bitfit").glob("trial-*"))  # trial weights are not kept
     assert "(tuned)" in (tmp_path / "tuned" / "report.md").read_text()
+    # --report-to (issue 17): the run logged to its own TensorBoard folder, the comparison's table as a summary
+    assert list((tmp_path / "tuned" / "runs" / "bitfit" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert list((tmp_path / "tuned" / "tensorboard").rglob("events.out.tfevents.*"))

@@ -83,6 +83,7 @@ def compare(methods: str | list[str] = "all", output: str | Path | None = None, 
     workers = workers if workers is not None else recipe.get("workers")
     for key in ("output", "resume", "keep_checkpoints", "overwrite"):
         options.pop(key, None)  # compare decides where each run goes and what resuming means
+    comparison_name = options.pop("run_name", None)  # --run-name names the comparison; each run is named for itself
 
     names = resolve_methods(methods)
     unknown_overrides = sorted(set(per_method) - set(names))
@@ -195,31 +196,40 @@ def compare(methods: str | list[str] = "all", output: str | Path | None = None, 
         finally:
             progress.close()
 
-    try:
-        if tune:
-            jobs = [make_job("tune", p, name, seeds[0], p.configs[name], out=out, several_tasks=several,
-                             repeats=repeats, common={**common, "tune": {"parameter": tune, "trials": trials},
-                                                      "method_source": sources.get(name)})
-                    for p in available for name in names if not p.reasons.get(name)]
-            execute(jobs, "tuning", lambda job: reusable_tuning(job, trials), TUNE_FILE)
-        jobs = []
-        for p in available:
-            for name in names:
-                if p.reasons.get(name):
-                    continue
-                config, source = run.final_config(p, name, options, per_method)
-                jobs += [make_job("run", p, name, seed, config, out=out, several_tasks=several, repeats=repeats,
-                                  common={**common, "lr_source": source, "method_source": sources.get(name)})
-                         for seed in seeds]
-        execute(jobs, "runs", lambda job: finished_run(job.run_dir, config_of(job)), RESULT_FILE)
-        payload = run.write(partial=False)
-        if several and multitask:
-            from peftlab.compare.multitask import multitask_costs
+    from peftlab import tracking
 
-            print_line("Measuring the multi-task serving cost (one serve process per method, all tasks loaded)...")
-            payload["multitask"] = multitask_costs(out, first_config.model, [p.name for p in available], names,
-                                                   payload["results"])
-            write_json_file(out / "results.json", payload)
+    comparison_name = comparison_name or out.name
+    report_to = options.get("report_to")
+    try:
+        # --report-to: every run is a run of the comparison's experiment / group, the table its summary
+        with tracking.comparison(report_to, comparison_name, out):
+            if tune:
+                jobs = [make_job("tune", p, name, seeds[0], p.configs[name], out=out, several_tasks=several,
+                                 repeats=repeats, common={**common, "tune": {"parameter": tune, "trials": trials},
+                                                          "method_source": sources.get(name)})
+                        for p in available for name in names if not p.reasons.get(name)]
+                execute(jobs, "tuning", lambda job: reusable_tuning(job, trials), TUNE_FILE)
+            jobs = []
+            for p in available:
+                for name in names:
+                    if p.reasons.get(name):
+                        continue
+                    config, source = run.final_config(p, name, options, per_method)
+                    jobs += [make_job("run", p, name, seed, config, out=out, several_tasks=several, repeats=repeats,
+                                      common={**common, "lr_source": source, "method_source": sources.get(name)})
+                             for seed in seeds]
+            execute(jobs, "runs", lambda job: finished_run(job.run_dir, config_of(job)), RESULT_FILE)
+            payload = run.write(partial=False)
+            if several and multitask:
+                from peftlab.compare.multitask import multitask_costs
+
+                print_line("Measuring the multi-task serving cost (one serve process per method, all tasks "
+                           "loaded)...")
+                payload["multitask"] = multitask_costs(out, first_config.model, [p.name for p in available], names,
+                                                       payload["results"])
+                write_json_file(out / "results.json", payload)
+            if tracking.parse_report_to(report_to):
+                tracking.log_comparison(report_to, comparison_name, out, payload["results"])
     finally:
         if ray_started:
             ray_module.shutdown()

@@ -210,6 +210,8 @@ def make_job(kind: str, plan: TaskPlan, method: str, seed: int, config, *, out: 
     relative = job_folder(kind, plan.name, run_name, several_tasks)
     folder = (out / relative).resolve()
     config = dataclasses.replace(config, seed=seed, output=str(folder))
+    if hasattr(config, "run_name"):  # the run's name in the trackers (--report-to): unique in the comparison
+        config = dataclasses.replace(config, run_name=f"{plan.name}-{run_name}" if several_tasks else run_name)
     label = run_name if not several_tasks else f"{run_name} · {plan.name}"
     spec = {"job": kind, "options": flat_options(config), "run_name": run_name, "relative": relative,
             "seed": seed, **common}

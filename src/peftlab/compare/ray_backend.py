@@ -27,7 +27,9 @@ CONNECT_TIMEOUT_S = 5.0  # the TCP check of an address before Ray is asked to jo
 LOCAL = "local"
 # Environment a job's worker process needs from this one (Ray's own workers may not inherit it on a cluster).
 FORWARDED_ENVIRONMENT = ("PEFTLAB_DATA_DIR", "PEFTLAB_PLUGINS", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME",
-                         "TRANSFORMERS_OFFLINE", "OMP_NUM_THREADS", "PEFTLAB_DEBUG")
+                         "TRANSFORMERS_OFFLINE", "OMP_NUM_THREADS", "PEFTLAB_DEBUG",
+                         # --report-to: the comparison's experiment and stores (peftlab.tracking.comparison)
+                         "PEFTLAB_EXPERIMENT", "MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE", "WANDB_RUN_GROUP")
 
 
 def import_ray():

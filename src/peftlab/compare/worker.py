@@ -41,7 +41,8 @@ PARENT_PID_ENV = "PEFTLAB_COMPARE_PARENT"
 DETERMINISTIC_EXIT = 1
 CRASH_EXIT = 3
 # TrainConfig fields that do not change what is trained (excluded when --resume checks a finished run).
-NOT_TRAINING = ("output", "resume", "overwrite", "progress", "keep_checkpoints", "logging_steps", "save_steps")
+NOT_TRAINING = ("output", "resume", "overwrite", "progress", "keep_checkpoints", "logging_steps", "save_steps",
+                "report_to", "run_name")
 
 
 def training_identity(config) -> dict[str, Any]:
