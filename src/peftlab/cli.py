@@ -297,7 +297,8 @@ def cmd_recommend(args, extra):
     ranking = recommend(model=args.model, task_type=args.task_type, memory=args.memory, tasks=args.tasks,
                         latency_critical=args.latency_critical, few_shot=args.few_shot,
                         batch_size=args.batch_size, max_length=args.max_length,
-                        domain_specific=args.domain_specific, device=args.device, task=args.task)
+                        domain_specific=args.domain_specific, device=args.device, task=args.task,
+                        nproc=args.nproc, deepspeed=args.deepspeed, fsdp=args.fsdp, offload=args.offload)
     if args.json:
         print(json.dumps(ranking, indent=2))
     else:
@@ -457,6 +458,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, set[str]]]:
                      help="what to plan for: a CUDA GPU or the CPU (default: this machine's device)")
     sub.add_argument("--batch-size", type=int, default=8)
     sub.add_argument("--max-length", type=int, default=512)
+    scale = sub.add_argument_group("several devices: plan one rank's memory (docs/scaling.md)")
+    scale.add_argument("--nproc", type=int, default=1, help="data-parallel ranks (GPUs) the training runs on")
+    scale.add_argument("--deepspeed", choices=["zero2", "zero3"], default=None, help="DeepSpeed ZeRO stage")
+    scale.add_argument("--fsdp", choices=["full_shard", "shard_grad_op", "hybrid_shard"], default=None, help="FSDP mode")
+    scale.add_argument("--offload", action="store_true",
+                       help="with --deepspeed or --fsdp: optimizer state (ZeRO-3, FSDP: also weights) in host memory")
     sub.add_argument("--json", action="store_true")
     sub.set_defaults(handler=cmd_recommend)
     return parser, structural

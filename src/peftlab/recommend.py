@@ -173,12 +173,17 @@ def device_memory_bytes(device: str) -> int:
 def recommend(model: str, task_type: str | None = None, memory: str | int | float | None = None, tasks: int = 1,
               latency_critical: bool = False, few_shot: bool = False, batch_size: int = 8,
               max_length: int = 512, domain_specific: bool = False, device: str | None = None,
-              task: str | None = None) -> dict[str, Any]:
+              task: str | None = None, nproc: int = 1, deepspeed: str | None = None, fsdp: str | None = None,
+              offload: bool = False) -> dict[str, Any]:
     """The registered methods ranked for this situation, best first, each with a one-line reason (JSON-able).
 
     ``task`` (a registered task name) decides the task type from its kind; ``memory`` and ``device`` default
-    to this machine's device and its memory (:func:`hardware_plan`)."""
+    to this machine's device and its memory (:func:`hardware_plan`). ``nproc``, ``deepspeed`` (zero2|zero3),
+    ``fsdp`` (full_shard|shard_grad_op|hybrid_shard) and ``offload``: plan per rank (``memory`` is one device's,
+    ``batch_size`` per device)."""
     from peftlab import memory as memory_model
+    from peftlab.memory.estimate import process_runtime_bytes
+    from peftlab.memory.sharding import Sharding
     from peftlab.methods import get_method, method_names
 
     if memory is not None:
@@ -189,6 +194,7 @@ def recommend(model: str, task_type: str | None = None, memory: str | int | floa
         raise PeftlabError(f"--batch-size must be at least 1; got {batch_size}.")
     if int(max_length) < 8:
         raise PeftlabError(f"--max-length must be at least 8; got {max_length}.")
+    sharding = Sharding.from_options(int(nproc), deepspeed, fsdp, offload)  # a bad combination: one sentence first
     task_type, task_object = resolve_task(task, task_type)
     plan = hardware_plan(device, memory)
     device, budget = plan["device"], plan["budget"]
@@ -203,7 +209,9 @@ def recommend(model: str, task_type: str | None = None, memory: str | int | floa
     footprints = memory_model.footprints(model, kind, num_labels)
     base_params = next(iter(footprints.values())).base_total
     situation = GuideSituation(base_params=base_params, domain_specific=bool(domain_specific))
-    runtime = memory_model.CUDA_RUNTIME_BYTES if device == "cuda" else memory_model.CPU_RUNTIME_BYTES
+    runtime = process_runtime_bytes(device, sharding.engine if sharding.engine.startswith("zero") else None)
+    scale = dict(nproc=sharding.nproc, deepspeed=sharding.engine if sharding.engine.startswith("zero") else None,
+                 fsdp=sharding.fsdp_mode, offload=sharding.offload)
 
     rows = []
     for order, name in enumerate(method_names()):
@@ -214,12 +222,13 @@ def recommend(model: str, task_type: str | None = None, memory: str | int | floa
             "inference_cost": method.inference_cost(), "summary": method.summary,
             "status": "ok", "fits": None, "trainable_params": None, "trainable_percent": None,
             "training_memory_gb": None, "memory_needed_gb": None, "gradient_checkpointing": None,
-            "memory_breakdown_mb": None, "per_task_mb": None, "storage_for_tasks_mb": None,
+            "memory_breakdown_mb": None, "host_offload_gb": None, "per_task_mb": None, "storage_for_tasks_mb": None,
         }
         points, guide_reason = method.guide_row(guide_type)
         reasons = [guide_reason]
-        if not footprint.supported:
-            row.update(status="unsupported", score=None, reason=_one_line(footprint.reason), _key=(2, 0, 0, order))
+        if not footprint.supported or (footprint.quantized and sharding.engine == "zero3"):
+            reason = footprint.reason if not footprint.supported else "its 4-bit base cannot be partitioned by ZeRO-3"
+            row.update(status="unsupported", score=None, reason=_one_line(reason), _key=(2, 0, 0, order))
             rows.append(row)
             continue
         row["trainable_params"] = footprint.trainable
@@ -227,19 +236,21 @@ def recommend(model: str, task_type: str | None = None, memory: str | int | floa
 
         # memory: as configured, and with gradient checkpointing if that is what makes it fit
         estimate = memory_model.estimate(model, name, kind, batch_size=batch_size, seq_length=max_length,
-                                         device=device, num_labels=num_labels)
+                                         device=device, num_labels=num_labels, **scale)
         needed = estimate.peak_bytes + runtime
         fits = needed <= budget
         if not fits and not estimate.gradient_checkpointing:
             checkpointed = memory_model.estimate(model, name, kind, batch_size=batch_size, seq_length=max_length,
-                                                 device=device, num_labels=num_labels, gradient_checkpointing=True)
+                                                 device=device, num_labels=num_labels, gradient_checkpointing=True,
+                                                 **scale)
             if checkpointed.peak_bytes + runtime <= budget:
                 estimate, needed, fits = checkpointed, checkpointed.peak_bytes + runtime, True
                 points -= 0.5
                 reasons.append(f"fits only with --gradient-checkpointing ({_gb(needed)} of {_gb(budget)}, slower)")
         row.update(fits=fits, training_memory_gb=round(estimate.peak_bytes / 2**30, 2),
                    memory_needed_gb=round(needed / 2**30, 2), gradient_checkpointing=estimate.gradient_checkpointing,
-                   memory_breakdown_mb=estimate.to_dict()["components_mb"])
+                   memory_breakdown_mb=estimate.to_dict()["components_mb"],
+                   host_offload_gb=round(estimate.offloaded_bytes / 2**30, 2))
         if not fits:
             row["status"] = "does not fit"
             reasons.insert(0, f"needs ~{_gb(needed)} to train, more than {_gb(budget)}")
@@ -288,6 +299,10 @@ def recommend(model: str, task_type: str | None = None, memory: str | int | floa
         "QLoRA: 4-bit NF4 base with double quantisation, gradient checkpointing, paged 8-bit AdamW on CUDA",
         "method options at their defaults (docs/methods/defaults.md)",
     ]
+    if not sharding.plain:
+        assumptions.insert(2, f"memory per rank: {sharding.describe()} (docs/scaling.md), batch {batch_size} per rank"
+                           + (", offloaded state in host memory, not counted against the device" if
+                              sharding.offload and device == "cuda" else ""))
     if task_object is not None:
         assumptions.insert(1, f"task type {task_type} from task '{task}' ({task_object.kind}), {num_labels} labels"
                            if kind.is_classification else f"task type {task_type} from task '{task}' ({task_object.kind})")
@@ -312,6 +327,8 @@ def recommend(model: str, task_type: str | None = None, memory: str | int | floa
         "max_length": int(max_length),
         "device": device,
         "device_source": plan["device_source"],
+        "nproc": sharding.nproc,
+        "sharding": sharding.describe(),
         "assumptions": assumptions,
         "ranking": rows,
     }
@@ -370,6 +387,8 @@ def render(ranking: dict[str, Any]) -> None:
                  f"batch {ranking['batch_size']} x {ranking['max_length']}"]
     if ranking["tasks"] > 1:
         situation.append(f"{ranking['tasks']} tasks")
+    if ranking.get("nproc", 1) > 1 or ranking.get("sharding", "one process") != "one process":
+        situation.append(f"per rank: {ranking['sharding']}")
     for flag in ("latency_critical", "few_shot", "domain_specific"):
         if ranking.get(flag):
             situation.append(flag.replace("_", "-"))

@@ -53,8 +53,16 @@ runs after both. On CUDA add the runtime (context, cuBLAS workspace; ``CUDA_RUNT
 Python/torch runtime, tokenizer and data and the kernel code pages the first step touches (about
 0.6 GB here): ``measure()`` records that baseline in the same process before the model is loaded.
 
+Several ranks (``nproc``, ``deepspeed``, ``fsdp``, ``offload``): the estimate is one rank's, from
+``peftlab.memory.sharding`` (what DDP, ZeRO-2/3 and FSDP keep per rank, and what offload moves to host memory).
+Under DeepSpeed the update phase is the gradient as autograd produces it (4Ψ_t, before DeepSpeed reduces it
+into its partition) plus about three fp32 temporaries of the rank's partition while the optimizer steps
+(measured), and a DeepSpeed rank on CPU runs in about 1 GiB before its tensors
+(``process_runtime_bytes``; 0.6 GiB without DeepSpeed).
+
 The model's numbers come from ``peftlab.memory.model``; what each method trains from
-``peftlab.memory.footprint``. ``peftlab.memory.measure`` checks the estimate against real runs.
+``peftlab.memory.footprint``. ``peftlab.memory.measure`` checks the estimate against real runs, and
+tests/test_memory_scale.py the per-rank estimate against measured ZeRO-3, ZeRO-2 and DDP ranks.
 """
 
 from __future__ import annotations
@@ -67,6 +75,7 @@ from peftlab.errors import PeftlabError
 from peftlab.kinds import TaskKind
 from peftlab.memory.footprint import Footprint, footprints
 from peftlab.memory.model import ModelSpec, model_spec
+from peftlab.memory.sharding import Sharding, per_rank
 
 MiB = 2**20
 GiB = 2**30
@@ -77,6 +86,12 @@ CUDA_RUNTIME_BYTES = 512 * MiB
 # A CPU training process's resident set before the model: Python, torch, transformers, peft, the Trainer,
 # tokenizer, data and kernel code pages (measured here: 576 MB for minilm + IMDB, see docs/recommend.md).
 CPU_RUNTIME_BYTES = 600 * MiB
+# The same for a DeepSpeed rank on CPU: DeepSpeed's imports and its engine's buffers on top (measured on
+# SmolLM2 ZeRO-3 ranks: 0.7-0.9 GiB at the start of training besides the parameters, ~1 GiB at the peak).
+DEEPSPEED_CPU_RUNTIME_BYTES = 1024 * MiB
+# fp32 temporaries of the rank's partition while DeepSpeed's optimizer step runs (torch AdamW's foreach
+# intermediates and the copy back into the parameters): measured, SmolLM2 full fine-tuning, 1 and 2 ranks
+DEEPSPEED_STEP_TEMPORARIES = 3
 
 DEVICES = ("cuda", "cpu")
 PRECISIONS = ("bf16", "fp32")
@@ -103,6 +118,9 @@ class MemoryEstimate:
     components: dict[str, int]  # bytes
     peak_bytes: int
     runtime_bytes: int  # CUDA context and workspaces (0 on CPU: measured separately there)
+    nproc: int = 1
+    sharding: str = "one process"  # Sharding.describe()
+    offloaded_bytes: int = 0  # moved to host memory by offload (not in peak_bytes on a GPU)
 
     @property
     def peak_mb(self) -> float:
@@ -153,12 +171,23 @@ def _check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
     return value
 
 
+def process_runtime_bytes(device: str, deepspeed: str | None = None) -> int:
+    """What one training process takes besides its tensors: the CUDA runtime on a GPU, the Python/torch runtime
+    (more with DeepSpeed) on CPU."""
+    if device == "cuda":
+        return CUDA_RUNTIME_BYTES
+    return DEEPSPEED_CPU_RUNTIME_BYTES if deepspeed else CPU_RUNTIME_BYTES
+
+
 def estimate(model: str, method: str, kind: str, *, batch_size: int = 8, seq_length: int = 512,
              device: str = "cuda", precision: str = "bf16", weights: str = "fp32",
-             gradient_checkpointing: bool | None = None, num_labels: int = 2) -> MemoryEstimate:
+             gradient_checkpointing: bool | None = None, num_labels: int = 2, nproc: int = 1,
+             deepspeed: str | None = None, fsdp: str | None = None, offload: bool = False) -> MemoryEstimate:
     """Training memory of ``method`` on ``model`` for task kind ``kind`` (see the module docstring).
 
     ``gradient_checkpointing=None`` uses the method's own default (on for QLoRA, off otherwise).
+    ``nproc``, ``deepspeed`` (zero2, zero3), ``fsdp`` (full_shard, shard_grad_op, hybrid_shard) and ``offload``:
+    the estimate is per rank (``batch_size`` is per rank too).
     """
     from peftlab.methods import get_method_class
 
@@ -179,17 +208,55 @@ def estimate(model: str, method: str, kind: str, *, batch_size: int = 8, seq_len
     checkpointing = footprint.gradient_checkpointing if gradient_checkpointing is None else bool(gradient_checkpointing)
     optimizer = footprint.optimizer if device == "cuda" else "adamw"
     b, s = int(batch_size), int(seq_length)
+    sharding = Sharding.from_options(nproc, deepspeed, fsdp, offload)
+    if sharding.engine == "zero3" and footprint.quantized:
+        raise PeftlabError(f"Method '{method}' keeps a 4-bit base, which ZeRO-3 cannot partition: estimate it with "
+                           "--deepspeed zero2, --fsdp or plain --nproc.")
     components = _components(spec, footprint, b, s, device, precision, weights, checkpointing, optimizer)
-    transient = components["activations"] + components["autocast_weight_copies"] + components["logits_and_loss"]
-    update = components["gradients"] + components["optimizer_step_temporary"]
-    peak = components["weights"] + components["optimizer_states"] + max(transient, update)
+    root, block = _unit_params(spec, footprint)
+    components, offloaded = per_rank(components, sharding, total=footprint.total, trainable=footprint.trainable,
+                                     quantized=footprint.quantized, root_params=root, block_params=block,
+                                     precision=precision, weights=weights, device=device)
+    peak = _peak(components, sharding, footprint.trainable, device, reduce_bucket=spec.hidden * spec.hidden)
     return MemoryEstimate(
         model=model, method=method, kind=kind, device=device, precision=precision, weights_dtype=weights,
         batch_size=b, seq_length=s, gradient_checkpointing=checkpointing, optimizer=optimizer,
         trainable_params=footprint.trainable, total_params=footprint.total,
         components={k: int(v) for k, v in components.items()}, peak_bytes=int(peak),
-        runtime_bytes=CUDA_RUNTIME_BYTES if device == "cuda" else 0,
+        runtime_bytes=CUDA_RUNTIME_BYTES if device == "cuda" else 0, nproc=sharding.nproc,
+        sharding=sharding.describe(), offloaded_bytes=int(offloaded),
     )
+
+
+def _peak(components: dict[str, float], sharding: Sharding, trainable: int, device: str, reduce_bucket: int) -> float:
+    """What the rank keeps between steps, plus the larger of the forward/backward tensors and the update.
+
+    Under DeepSpeed the update starts with the gradients autograd produces before they are reduced into the
+    rank's partition: on a GPU one reduce bucket at a time (``reduce_bucket_size``, hidden² elements in
+    peftlab's preset); on CPU the process keeps the memory of all of them (4Ψ_t, measured: the allocator
+    holds what the backward pass freed)."""
+    transient = (components["activations"] + components["autocast_weight_copies"] + components["logits_and_loss"]
+                 + components.get("gathered_weights", 0.0))
+    kept = components["weights"] + components["optimizer_states"] + components.get("ddp_buckets", 0.0)
+    if sharding.engine in ("zero2", "zero3"):
+        if sharding.engine == "zero3":
+            kept += components["gradients"]  # ZeRO-3 keeps its fp32 gradient partition between steps
+        unreduced = 4 * trainable if device == "cpu" else 4 * min(trainable, reduce_bucket)
+        # then the optimizer's temporaries on the partition (none on the device when offloaded)
+        update = unreduced + DEEPSPEED_STEP_TEMPORARIES * components["optimizer_step_temporary"]
+    else:
+        update = components["gradients"] + components["optimizer_step_temporary"]
+    return kept + max(transient, update)
+
+
+def _unit_params(spec: ModelSpec, fp: Footprint) -> tuple[int, int]:
+    """(parameters outside the transformer blocks, parameters of one block): FSDP's units."""
+    layers = max(spec.total_layers, 1)
+    embeddings = spec.vocab * spec.hidden
+    if fp.head_linear_params > embeddings // 2:  # an untied LM head of vocabulary size
+        embeddings += fp.head_linear_params
+    block = max(0, (fp.total - embeddings) // layers)
+    return fp.total - block * layers, block
 
 
 def _components(spec: ModelSpec, fp: Footprint, b: int, s: int, device: str, precision: str, weights: str,
