@@ -147,7 +147,16 @@ def model_init_context(config):
     Under ZeRO-3 (and a base that is not quantised) transformers builds the model inside
     ``deepspeed.zero.Init``: every rank allocates and loads only its 1/N slice of each weight. Elsewhere
     nothing changes. The model's name is resolved first (a bundled model is converted outside it).
+
+    Under a launcher on GPUs it first makes the rank's own GPU (LOCAL_RANK) the current device: a method that
+    loads straight onto "the current device" (QLoRA's ``device_map``) would otherwise put every rank's copy on
+    GPU 0, because the ``Trainer`` selects each rank's GPU only later.
     """
+    if env.launched_distributed():
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.set_device(env.local_rank())
     if not config.deepspeed or _quantized_base(config.method):
         return nullcontext()
     ds_config = zero.deepspeed_config(config.deepspeed, config.offload)
