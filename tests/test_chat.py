@@ -154,7 +154,7 @@ def test_the_generate_endpoint_takes_messages(chat_run):
 
 # ---- the real SmolLM2: each chat form lowers dev perplexity -------------------------------------------------------
 
-def alpaca_files(folder: Path, data_dir: Path, n_train: int = 48, n_dev: int = 16) -> dict[str, tuple[Path, Path]]:
+def alpaca_files(folder: Path, data_dir: Path, n_train: int = 72, n_dev: int = 16) -> dict[str, tuple[Path, Path]]:
     """Chat JSONL, ShareGPT JSON and prompt/response CSV files made from the shared Alpaca sample (short answers)."""
     import csv
 
@@ -186,6 +186,7 @@ def alpaca_files(folder: Path, data_dir: Path, n_train: int = 48, n_dev: int = 1
 @pytest.mark.parametrize("task", ["jsonl", "json", "csv"], ids=["chat-jsonl", "sharegpt-json", "prompt-response-csv"])
 def test_smollm2_learns_from_each_form(task, tmp_path, data_dir):
     from peftlab.evaluation import evaluate_model
+    from peftlab.hardware import resolve_precision
     from peftlab.training import TrainingParts, config_from_options, prepare, train
 
     train_file, dev_file = alpaca_files(tmp_path, data_dir)[task]
@@ -194,8 +195,9 @@ def test_smollm2_learns_from_each_form(task, tmp_path, data_dir):
     config = config_from_options(dict(method="lora", task=task, model="smollm2", output=str(run),
                                       train_file=str(train_file), dev_file=str(dev_file), epochs=2, batch_size=4,
                                       max_length=256, lr=2e-3, progress=False, eval_each_epoch=False, **columns))
-    prepared = prepare(config)
-    base = evaluate_model(prepared.model, prepared.task, prepared.tokenizer, prepared.dev_data)["perplexity"]
+    prepared = prepare(config)  # LoRA starts as the identity: this is the base model
+    base = evaluate_model(prepared.model, prepared.task, prepared.tokenizer, prepared.dev_data,
+                          precision=resolve_precision(config.precision))["perplexity"]
     metrics = train(config, parts=TrainingParts(prepared=prepared))
     assert metrics["metric"] <= 0.9 * base, (base, metrics["metric"])
     if task == "jsonl":  # a fresh process answers a bare text through the saved chat template
