@@ -333,7 +333,7 @@ def test_a_suite_in_this_process(world, tmp_path, monkeypatch):
     for entry in multitask.values():
         assert entry["status"] == "ok", entry
         assert entry["adapter_bytes_total"] == sum(rows[(entry["method"], t)]["adapter_bytes"] for t in ("sst2", "mrpc"))
-        assert 100 < entry["serve_peak_rss_mb"] < 4000
+        assert entry["runtime_rss_mb"] < entry["serve_rss_mb"] < 4000
     assert payload["multitask"]["full_model_per_task_mb"] > 100
     saved = json.loads((tmp_path / "suite" / "results.json").read_text())
     assert saved["complete"] is True and saved["multitask"]["rows"]

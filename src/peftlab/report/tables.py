@@ -236,14 +236,14 @@ def multitask_table(payload: dict[str, Any]) -> tuple[list[str], list[list[str]]
     if not multitask:
         return None
     tasks = len(multitask["tasks"])
-    header = ["method", f"adapters on disk ({tasks} tasks)", "one serve process, all tasks: peak RSS (MB)",
-              f"vs {tasks} full models ({fmt(multitask.get('full_model_per_task_mb'), '{:,.0f}')} MB)",
+    header = ["method", f"adapters on disk ({tasks} tasks)", "one serve process, all tasks: RSS (MB)",
+              f"vs {tasks} full-model processes ({fmt(multitask.get('full_model_per_task_mb'), '{:,.0f}')} MB)",
               "mixed-adapter batch"]
     cells = []
     for entry in multitask["rows"]:
         saving = entry.get("saving_vs_full_per_task")
         cells.append([entry["method"], format_bytes(entry.get("adapter_bytes_total")),
-                      fmt(entry.get("serve_peak_rss_mb"), "{:,.0f}") if entry.get("status") == "ok"
+                      fmt(entry.get("serve_rss_mb"), "{:,.0f}") if entry.get("status") == "ok"
                       else f"{entry.get('status')}: {entry.get('error') or ''}",
                       (f"{100 * saving:.0f}% less" if saving >= 0 else f"{-100 * saving:.0f}% more")
                       if is_number(saving) else "-",
