@@ -44,10 +44,11 @@ def fsdp_mode(value: str | None) -> str | None:
     if text in ("", "none", "no", "false"):
         return None
     if text not in FSDP_MODES:
-        from peftlab.errors import did_you_mean
+        import difflib
 
-        raise PeftlabError(f"Unknown --fsdp '{value}'. Valid values: {', '.join(FSDP_MODES)}. "
-                           f"{did_you_mean(text, list(FSDP_MODES))}".strip())
+        close = difflib.get_close_matches(text, FSDP_MODES, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise PeftlabError(f"Unknown --fsdp '{value}'. Valid values: {', '.join(FSDP_MODES)}.{hint}")
     return text
 
 

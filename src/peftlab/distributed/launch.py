@@ -39,6 +39,9 @@ DEFAULT_MASTER_PORT = 29500  # torchrun's
 DEFAULT_RDZV_PORT = 29400  # torchrun's for --rdzv-endpoint without a port
 DEFAULT_RDZV_TIMEOUT = 45.0  # seconds; a node that cannot reach the rendezvous says so well within a minute
 DEFAULT_RDZV_ID = "peftlab"
+# after the rendezvous timeout, how long the launcher still waits for a first rank to start (imports of
+# torch and transformers on a busy machine) before it ends a rendezvous that torchrun did not
+RANK_START_GRACE = 60.0
 
 # flag -> LaunchOptions field; each takes one value. The ranks get the command without them.
 LAUNCH_FLAGS = {"--nproc": "nproc", "--nnodes": "nnodes", "--node-rank": "node_rank", "--master-addr": "master_addr",
@@ -134,8 +137,9 @@ class LaunchOptions:
                 raise PeftlabError("--rdzv-id goes with --rdzv-endpoint; with --master-addr the nodes are told apart "
                                    "by --node-rank.")
             if self.node_rank is None:
+                others = "1" if self.nnodes == 2 else f"1 .. {self.nnodes - 1}"
                 raise PeftlabError(f"--master-addr needs --node-rank: 0 on {self.master_addr} (it hosts the "
-                                   f"rendezvous), 1 .. {self.nnodes - 1} on the other nodes.")
+                                   f"rendezvous), {others} on the other node{'s' if self.nnodes > 2 else ''}.")
             if not 0 <= int(self.node_rank) < int(self.nnodes):
                 raise PeftlabError(f"--node-rank must be between 0 and {self.nnodes - 1} for --nnodes {self.nnodes}; "
                                    f"got {self.node_rank}.")
@@ -151,7 +155,7 @@ class LaunchOptions:
         common = [f"--nnodes={self.nnodes}", f"--nproc_per_node={self.nproc}", "--max_restarts=0"]
         if self.elastic:
             return [*common, "--rdzv_backend=c10d", f"--rdzv_endpoint={host}:{port}",
-                    f"--rdzv_id={self.rdzv_id or DEFAULT_RDZV_ID}", f"--rdzv_conf=join_timeout={timeout}"]
+                    f"--rdzv_id={self.rdzv_id or DEFAULT_RDZV_ID}", f"--rdzv_conf=join_timeout={timeout},read_timeout={timeout}"]
         return [*common, f"--node_rank={self.node_rank}", f"--master_addr={host}", f"--master_port={port}",
                 f"--rdzv_conf=timeout={timeout}"]
 
@@ -328,6 +332,30 @@ def _wait(process: subprocess.Popen) -> int:
             return 130
 
 
+def _wait_for_start(process: subprocess.Popen, marker: Path, deadline_seconds: float) -> tuple[int, bool]:
+    """Wait for ``process``; stop it if no rank has started ``deadline_seconds`` after the launch.
+    Returns (exit code, whether it was stopped for that).
+
+    torchrun's own rendezvous timeouts normally end a failed rendezvous first; this is the guarantee
+    against network paths where they do not (a middlebox that accepts connections and never answers).
+    """
+    deadline = time.monotonic() + deadline_seconds
+    while not marker.exists():
+        try:
+            return process.wait(timeout=max(0.1, min(1.0, deadline - time.monotonic()))), False
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                process.terminate()
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                return process.wait(), True
+        except KeyboardInterrupt:
+            return _wait(process), False
+    return _wait(process), False
+
+
 def _run(command: list[str], env: dict[str, str]) -> int:
     return _wait(_popen(command, env))
 
@@ -363,13 +391,18 @@ def _run_reporting_rendezvous(command: list[str], env: dict[str, str], launch: L
 
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
-        code = _wait(process)
+        code, stopped = _wait_for_start(process, marker, launch.rdzv_timeout + RANK_START_GRACE)
         reader.join(timeout=5)
         started = marker.exists()
     text = b"".join(held).decode(errors="replace")
     if code != 0 and not started:
         if os.environ.get("PEFTLAB_DEBUG"):
             sys.stderr.write(text)
+        if stopped:
+            host, port = launch.rendezvous()
+            raise PeftlabError(f"No rank started within {launch.rdzv_timeout + RANK_START_GRACE:g} s: the rendezvous at "
+                               f"{host}:{port} did not complete. Check that every node runs the same command and can "
+                               "reach it, or raise --rdzv-timeout.")
         raise PeftlabError(rendezvous_failure(text, launch))
     if text:
         sys.stderr.write(text)
@@ -395,6 +428,10 @@ def rendezvous_failure(output: str, launch: LaunchOptions) -> str:
         return (f"The rendezvous at {where} timed out after {launch.rdzv_timeout:g} s with {joined.group(1)} of "
                 f"{launch.nnodes} nodes: start the same command on every node (each with its --node-rank) within "
                 "--rdzv-timeout seconds, or raise it.")
+    if re.search(r"RendezvousConnectionError|trying to connect|Connection refused", output):
+        return (f"No rendezvous at {where}: it could not be reached within {launch.rdzv_timeout:g} s. Start the node "
+                "that hosts it first, check the address, the port and that no firewall blocks them, or wait longer "
+                "with --rdzv-timeout SECONDS.")
     if re.search(r"address already in use|EADDRINUSE", output, re.IGNORECASE):
         return f"Port {port} is already in use on this machine: choose another port for the rendezvous."
     if re.search(r"RendezvousTimeoutError|timed out|timeout", output, re.IGNORECASE):
