@@ -34,7 +34,9 @@ from peftlab.tasks.tabular import check_file, read_rows, read_text
 
 FORMATS = {"csv": ",", "tsv": "\t", "jsonl": None, "json": None}
 EXTENSIONS = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".json": None}
-FILE_OPTIONS = {"train": ("train_file", "--train-file"), "dev": ("dev_file", "--dev-file")}
+# The options that name files (stored absolute with a run): the two splits', and a chat template's.
+FILE_OPTIONS = {"train": ("train_file", "--train-file"), "dev": ("dev_file", "--dev-file"),
+                "template": ("chat_template", "--chat-template")}
 KNOWN_OPTIONS = OPTION_NAMES
 
 
