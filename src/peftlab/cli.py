@@ -54,6 +54,8 @@ _HELP = {
     "data_dir": "folder with the raw datasets (default: $PEFTLAB_DATA_DIR, else the Hugging Face Hub)",
     "deepspeed": "DeepSpeed ZeRO: zero2, zero3 or a config.json",
     "offload": "with --deepspeed: offload optimizer (and zero3 parameters) to 'cpu'",
+    "fsdp": "FSDP sharding across the ranks: full_shard, shard_grad_op or hybrid_shard (with --nproc/--nnodes)",
+    "fsdp_offload": "with --fsdp: parameters and optimizer state in host memory (CUDA only)",
     "progress": "show the progress bar",
 }
 
@@ -158,10 +160,12 @@ def cmd_train(args, extra):
 
         print(dry_run(config, world_size=1 if nproc is None else nproc).render(), flush=True)
         return 0
-    if nproc is not None and nproc != 1 and "LOCAL_RANK" not in os.environ:
-        from peftlab.distributed import relaunch
+    from peftlab import distributed
 
-        return relaunch(nproc, args.argv)  # the ranks re-run this same command under torchrun
+    launch = distributed.LaunchOptions.from_namespace(args).check()
+    distributed.check_plan(config, launch.nproc * launch.nnodes if launch.needs_launcher else None)
+    if launch.needs_launcher and "LOCAL_RANK" not in os.environ:
+        return distributed.relaunch(launch, args.argv)  # the ranks re-run this same command under torchrun
     train(config)
     return 0
 
@@ -326,12 +330,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, set[str]]]:
     sub = commands.add_parser("train", help="train one method on one task")
     _add_train_flags(sub)
     sub.add_argument("--nproc", type=int, default=None, help="data-parallel processes on this machine (DDP)")
+    from peftlab.distributed import LAUNCH_HELP
+
+    for name, help_text in LAUNCH_HELP.items():  # multi-node: passed through to torchrun
+        kind = {"nnodes": int, "node_rank": int, "master_port": int, "rdzv_timeout": float}.get(name, str)
+        sub.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=help_text)
     sub.add_argument("--dry-run", action="store_true",
                      help="check the recipe without weights or a GPU: the method applies, trainable parameters, "
                           "memory per device, steps and tokens, the data's columns (--model may be a folder "
                           "holding only a config.json)")
     sub.set_defaults(handler=cmd_train)
-    structural["train"] = {"command", "handler", "config", "nproc", "dry_run"}
+    structural["train"] = {"command", "handler", "config", "nproc", "dry_run", *LAUNCH_HELP}
 
     sub = commands.add_parser("eval", help="score a trained adapter on its task's dev set")
     sub.add_argument("--adapter", required=True, help="a train --output folder or a peft adapter folder")

@@ -30,7 +30,7 @@ def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit packed weights counted as their logical size."""
     trainable = total = 0
     for parameter in model.parameters():
-        count = parameter.numel()
+        count = int(getattr(parameter, "ds_numel", 0) or parameter.numel())  # ZeRO-3: the whole, not the slice
         if parameter.__class__.__name__ == "Params4bit":
             quant_state = getattr(parameter, "quant_state", None)
             count = int(quant_state.shape.numel()) if quant_state is not None else count * 2

@@ -80,6 +80,8 @@ class TrainConfig:
     data_dir: str | None = None
     deepspeed: str | None = None  # zero2 | zero3 | path/to/config.json (see peftlab.distributed)
     offload: str | None = None  # cpu
+    fsdp: str | None = None  # full_shard | shard_grad_op | hybrid_shard (see peftlab.distributed.fsdp)
+    fsdp_offload: bool = False
     progress: bool = True
     report_to: str = "none"  # none | tensorboard | trackio | mlflow | wandb; several comma-separated (tracking.py)
     run_name: str | None = None  # the run's name in the trackers (default: the run folder's name)
@@ -204,8 +206,9 @@ def prepare(config: TrainConfig, *, world_size: int | None = None) -> Prepared:
 
     transformers.set_seed(config.seed)
     tokenizer = task.prepare_tokenizer(load_tokenizer(config.model))  # own chat data: --chat-template
-    model = load_model(config.model, task.kind, label_names=label_names, is_regression=task.is_regression,
-                       **method.model_load_kwargs())
+    with distributed.model_init_context(config):  # ZeRO-3: each rank loads only its slice of the weights
+        model = load_model(config.model, task.kind, label_names=label_names, is_regression=task.is_regression,
+                           **method.model_load_kwargs())
     method.check_supported(model, task.kind)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -219,7 +222,8 @@ def prepare(config: TrainConfig, *, world_size: int | None = None) -> Prepared:
     world_size = max(1, world_size or distributed.world_size())
     total_steps = optimizer_steps(len(train_data), config.batch_size, config.grad_accum, world_size, config.epochs)
     method.total_steps = total_steps
-    model = method.apply(model, task.kind)
+    with distributed.model_init_context(config):  # methods that read the weights (PiSSA) see them gathered
+        model = method.apply(model, task.kind)
     if config.packing:
         check_packing(model, task.kind)  # one sentence unless packed rows give exactly the unpacked logits
     return Prepared(config=config, method=method, task=task, tokenizer=tokenizer, model=model,
@@ -350,17 +354,12 @@ def build_trainer(prepared: Prepared, precision: str, parts: TrainingParts | Non
     )
     if on_cpu and distributed.world_size() != 1:
         args_options["ddp_backend"] = "gloo"
-    distributed.check_options(config.deepspeed, config.offload)
-    zero_stage = 0
-    if config.deepspeed:
-        args_options["deepspeed"] = distributed.deepspeed_config(config.deepspeed, config.offload)
-        zero_stage = distributed.zero_stage(args_options["deepspeed"])
-        distributed.ensure_process_group_env()  # DeepSpeed without a launcher: a one-process group
+    args_options.update(distributed.training_arguments(config, precision, model=model))  # DeepSpeed / FSDP
     args_options.update(parts.training_arguments)
     args = TrainingArguments(**args_options)
 
     evaluation = distributed.epoch_evaluation(
-        zero_stage, task=task, tokenizer=prepared.tokenizer, dev_data=prepared.dev_data, dev_raw=prepared.dev_raw,
+        every_rank=distributed.forward_is_collective(config), task=task, tokenizer=prepared.tokenizer, dev_data=prepared.dev_data, dev_raw=prepared.dev_raw,
         label_names=prepared.label_names, batch_size=config.eval_batch_size, precision=precision,
         log_path=log_path, enabled=config.eval_each_epoch,
     )

@@ -418,8 +418,10 @@ class OwnDataTask(Task):
         if self.is_regression or not self.kind.is_classification:
             return None
         if not self._fixed_labels:
-            values = [v for row in train_dataset for v in self._label_values(row)]
-            labels = sort_tags(values) if self.kind is TaskKind.TOKEN_CLS else sort_labels(values)
+            if self.kind is TaskKind.TOKEN_CLS:
+                labels = sort_tags(tag for tags in train_dataset["tags"] for tag in tags)
+            else:
+                labels = sort_labels(train_dataset["label"])
             if not labels:
                 raise PeftlabError(f"Task '{self.name}': the training data has no labels.")
             self.label_names = labels
