@@ -256,6 +256,7 @@ def _count_tokens(config: TrainConfig, task, kind: TaskKind, train_raw, label_na
     if len(tokenizer) < 2:
         check.token_note = missing
         return
+    tokenizer = task.prepare_tokenizer(tokenizer)  # own chat data: --chat-template, as training does
     data = tokenize(train_raw, kind, tokenizer, max_length=config.max_length, label_names=label_names,
                     is_regression=task.is_regression)
     check.train_features = len(data)

@@ -28,7 +28,7 @@ def environment_report(data_dir: str | None = None, check_models: bool = True) -
 
     from peftlab import hardware
     from peftlab.errors import PeftlabError
-    from peftlab.tasks import get_task, resolve_data_dir, task_names
+    from peftlab.tasks import OWN_DATA_TASKS, get_task, resolve_data_dir, task_names
 
     devices: dict[str, Any] = {
         "cpu_cores": hardware.cpu_count(),
@@ -56,7 +56,7 @@ def environment_report(data_dir: str | None = None, check_models: bool = True) -
     except PeftlabError as error:
         directory, source = None, f"error: {error}"
     for name in task_names():
-        if name in ("csv", "tsv", "jsonl"):
+        if name in OWN_DATA_TASKS:  # built from the user's own files or --dataset: nothing to check here
             continue
         entry = {"task": name, "source": source}
         try:

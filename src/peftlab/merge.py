@@ -230,7 +230,7 @@ def merge(adapter: str | os.PathLike, output: str | os.PathLike, *, samples: int
     import transformers
 
     from peftlab.hub import local_or_hub
-    from peftlab.inference import checked_adapter, load_trained
+    from peftlab.inference import checked_adapter, load_trained, saved_chat_template
     from peftlab.methods import get_method
 
     adapter = local_or_hub(adapter)  # a Hub repository id (peftlab push) works like a folder
@@ -270,6 +270,9 @@ def merge(adapter: str | os.PathLike, output: str | os.PathLike, *, samples: int
     staging.parent.mkdir(parents=True, exist_ok=True)
     try:
         merged.save_pretrained(str(staging))
+        template = saved_chat_template(loaded.adapter_dir)
+        if template:  # a chat adapter: the merged model's tokenizer renders conversations as training did
+            loaded.tokenizer.chat_template = template
         loaded.tokenizer.save_pretrained(str(staging))
         del merged, loaded
         auto_class = getattr(transformers, auto_class_name(kind))

@@ -114,8 +114,13 @@ class Engine:
                 self._pending.discard(name)
 
     def _load(self, spec: AdapterSpec) -> AdapterEntry:
+        from peftlab.inference import saved_chat_template
+
         internal = f"a{next(self._counter)}"
         generation_tokenizer = copy.deepcopy(self.tokenizer) if TaskKind(spec.kind).is_generative else None
+        template = saved_chat_template(spec.adapter_dir) if generation_tokenizer is not None else None
+        if template:  # a chat adapter answers through the template it was trained with (/v1/chat/completions)
+            generation_tokenizer.chat_template = template
 
         def entry(slot: Slot) -> AdapterEntry:
             return AdapterEntry(spec, slot, internal, time.time(), self.tokenizer, generation_tokenizer)
