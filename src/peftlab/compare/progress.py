@@ -125,6 +125,8 @@ def format_duration(seconds: float) -> str:
 
 
 def eta(times: list[float], remaining: int, workers: int = 1) -> str:
+    if remaining <= 0:
+        return "all done"
     if not times:
         return f"{remaining} to go"
     left = statistics.fmean(times) * remaining / max(1, workers)
