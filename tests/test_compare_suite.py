@@ -247,6 +247,28 @@ def test_suite_average_glue_convention_baseline_first_and_report(tmp_path):
     assert "mean of both (MRPC, QQP: F1 and accuracy" in report and "95% interval" in report
     html = (tmp_path / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 1 + 2 * 4 and '<tr class="baseline">' in html
+    assert_renders_in_chromium(tmp_path / "report.html", tmp_path / "report.png")
+
+
+def assert_renders_in_chromium(page, screenshot):
+    """The report in a real headless browser (Debian's chromium, as tests/test_compare.py): not blank."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+    if not Path(chromium).is_file():
+        pytest.fail(f"{chromium} is missing: `make test` installs it (apt-get install -y chromium); "
+                    "set CHROMIUM=/path/to/chromium to use another build.")
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--screenshot={screenshot}", "--window-size=1200,1600", Path(page).as_uri()],
+                   capture_output=True, text=True, timeout=120, check=True)
+    with Image.open(screenshot) as image:
+        pixels = np.asarray(image.convert("L"), dtype=np.float32)
+    assert pixels.shape == (1600, 1200) and pixels.std() > 20 and (pixels < 128).mean() > 0.01
 
 
 def test_progress_live_table_and_plain_lines():
