@@ -145,6 +145,10 @@ def test_bad_inputs_get_one_sentence(tmp_path):
     gpu = plan_workers(3, gpus=2, cores=16)
     assert gpu.count == 2 and [s["environment"]["CUDA_VISIBLE_DEVICES"] for s in gpu.slots] == ["0", "1"]
     assert "2 GPU(s), one per worker" in gpu.notes[0] and gpu.slots[0]["threads"] == 8
+    import os
+
+    os.environ["CUDA_VISIBLE_DEVICES"] = "5,7"  # the user's choice is honoured (restored by conftest)
+    assert [s["environment"]["CUDA_VISIBLE_DEVICES"] for s in plan_workers(2, gpus=2, cores=4).slots] == ["5", "7"]
 
     import socket
 

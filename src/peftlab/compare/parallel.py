@@ -87,9 +87,13 @@ def plan_workers(requested: int, *, gpus: int | None = None, cores: int | None =
         count = min(requested, gpus)
         if count < requested:
             notes.append(f"--workers {requested} capped at {count}: this machine has {gpus} GPU(s), one per worker")
+        if count == 1:  # one run at a time sees the GPUs this process sees, as before
+            return Workers(1, [{"threads": None, "environment": {}}], notes, "one run at a time")
+        # the GPUs this process may use (a CUDA_VISIBLE_DEVICES of the user's is honoured: its entries, in order)
+        visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        devices = visible[:gpus] if visible else [str(index) for index in range(gpus)]
         threads = max(1, cores // count)
-        slots = [{"threads": threads if count > 1 else None, "environment": {"CUDA_VISIBLE_DEVICES": str(index)}}
-                 for index in range(count)]
+        slots = [{"threads": threads, "environment": {"CUDA_VISIBLE_DEVICES": devices[index]}} for index in range(count)]
         return Workers(count, slots, notes, f"one GPU per worker ({count} of {gpus})")
     count = min(requested, cores)
     if count < requested:
