@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from peftlab.artifacts import ADAPTER_DIR, RunManifest, prepare_output_folder, write_json
+from peftlab.artifacts import ADAPTER_DIR, RunManifest, prepare_output_folder, read_run, write_json
 from peftlab.errors import PeftlabError
 from peftlab.version import __version__
 from peftlab.kinds import TaskKind
@@ -231,14 +231,15 @@ def merge(adapter: str | os.PathLike, output: str | os.PathLike, *, samples: int
 
     from peftlab.hub import local_or_hub
     from peftlab.inference import checked_adapter, load_trained, saved_chat_template
-    from peftlab.methods import get_method
+    from peftlab.methods import get_method, get_method_class
 
     adapter = local_or_hub(adapter)  # a Hub repository id (peftlab push) works like a folder
+    recorded, _ = read_run(adapter)  # what the method is decides first whether there is anything to merge
+    if not get_method_class(recorded.method).mergeable:
+        raise PeftlabError(not_mergeable_message(get_method(recorded.method), adapter))
     checked = checked_adapter(adapter)  # before any work: the same check as eval, predict, export and serve
     manifest, adapter_dir = checked.manifest, checked.adapter_dir
     method = get_method(manifest.method, **(manifest.method_options or {}))
-    if not method.mergeable:
-        raise PeftlabError(not_mergeable_message(method, adapter))
     if samples < 1:
         raise PeftlabError(f"--samples must be at least 1; got {samples}.")
     if not tolerance >= 0:
