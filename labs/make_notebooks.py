@@ -694,7 +694,7 @@ if serving:
                 body["max_new_tokens"] = 16
             response = client.post(endpoint, json=body)
             print(name, response.status_code, json.dumps(response.json())[:600])
-        print("server metrics:", json.dumps(client.get("/metrics").json())[:600])
+        print("server stats:", json.dumps(client.get("/v1/stats").json())[:600])
 else:  # the unmerged adapter still runs in-process
     display(pd.DataFrame(peftlab.predict(loaded, labs.dev_inputs(loaded, 2, lab.data_dir), max_new_tokens=16)))
 """),
