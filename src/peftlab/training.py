@@ -512,6 +512,11 @@ def report(built: BuiltTrainer, times: RunTimes, final: dict[str, Any], adapter_
         shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
     print(f"Done: dev {task.metric_name} = {metrics['metric']:.4f} · {times.train_seconds:.1f} s · "
           f"{metrics['train_samples_per_second']:.1f} examples/s · adapter in {adapter_dir}", flush=True)
+    from peftlab.compare.stats import baseline_warning
+
+    warning = baseline_warning(task, prepared.train_raw, prepared.dev_raw, prepared.label_names, final)
+    if warning:  # a score no better than the majority class (or a constant) is said, not left to be noticed
+        print(warning, flush=True)
     return metrics
 
 
