@@ -174,6 +174,17 @@ def prepare_output_folder(output: str | os.PathLike, *, source: str | os.PathLik
     return out
 
 
+def read_json_or_none(path: str | os.PathLike) -> Any:
+    """A JSON file's content, or None when it is missing or not valid JSON (optional reports and metrics)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
 def write_json(path: Path, payload: Any) -> None:
     atomic_write_text(Path(path), json.dumps(payload, indent=2, default=_jsonable) + "\n")
 

@@ -34,7 +34,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from peftlab.artifacts import ADAPTER_DIR, RunManifest, prepare_output_folder, read_run, write_json
+from peftlab.artifacts import (ADAPTER_DIR, RunManifest, prepare_output_folder, read_json_or_none, read_run,
+                               write_json)
 from peftlab.errors import PeftlabError
 from peftlab.version import __version__
 from peftlab.kinds import TaskKind
@@ -343,10 +344,4 @@ def write_card(folder: Path, report: dict[str, Any]) -> None:
 
 def read_merge_report(folder: str | os.PathLike) -> dict[str, Any] | None:
     """The ``peftlab_merge.json`` of a merged folder, or None for a folder merged elsewhere."""
-    path = Path(folder) / REPORT_NAME
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
+    return read_json_or_none(Path(folder) / REPORT_NAME)

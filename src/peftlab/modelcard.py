@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from peftlab.artifacts import ADAPTER_DIR, MANIFEST, RunManifest
+from peftlab.artifacts import ADAPTER_DIR, MANIFEST, RunManifest, read_json_or_none
 from peftlab.errors import PeftlabError
 from peftlab.kinds import TaskKind
 
@@ -230,13 +230,7 @@ def _number(value: Any) -> str:
 # ---- writing ----------------------------------------------------------------------------------------------
 
 def read_metrics(folder: Path) -> dict[str, Any] | None:
-    path = Path(folder) / METRICS
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
+    return read_json_or_none(Path(folder) / METRICS)
 
 
 def write_card(run_dir: str | os.PathLike, *, repo_id: str | None = None, target: str | os.PathLike | None = None) -> Path:
