@@ -27,7 +27,6 @@ wrong merge is off by orders of magnitude more.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
