@@ -237,7 +237,7 @@ def cmd_compare(args, extra):
 
     sources: dict[str, str] = {}
     own = {"methods", "repeats", "output", "resume", "isolate", "overwrite", "tasks", "suite", "tune", "trials",
-           "workers", "ray", "multitask"}
+           "workers", "ray", "multitask", "generate", "max_new_tokens"}
     options = _collect(args, extra | own, sources)
     options = check_train_values(options, sources)  # the recipe's file and key named, before any work
     chosen = options.get("methods") if args.methods == "all" and options.get("methods") else args.methods
@@ -253,7 +253,8 @@ def cmd_compare(args, extra):
 
     compare(methods=args.methods, output=output, repeats=args.repeats, resume=bool(args.resume),
             train_options=options, isolate=args.isolate, tasks=args.tasks, suite=args.suite, tune=args.tune,
-            trials=args.trials, workers=args.workers, ray=args.ray, multitask=args.multitask)
+            trials=args.trials, workers=args.workers, ray=args.ray, multitask=args.multitask,
+            generate=args.generate, max_new_tokens=args.max_new_tokens)
     return 0
 
 
@@ -351,8 +352,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, set[str]]]:
     sub.add_argument("--precision", default="auto")
     sub.add_argument("--generate", type=int, default=0, metavar="N",
                      help="also generate for N dev examples and score the texts with the task's generation metric "
-                          "(billsum: ROUGE-L; your own generative data: ROUGE-L, exact match, chrF); the samples go "
-                          "into the run's metrics.json")
+                          "(billsum: ROUGE-L; alpaca, guanaco and your own generative data: ROUGE-L, exact match, "
+                          "chrF); the samples go into the run's metrics.json")
     sub.add_argument("--max-new-tokens", type=int, default=64, help="with --generate: tokens generated per example")
     _add_task_flags(sub)
     sub.set_defaults(handler=cmd_eval)
@@ -399,6 +400,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, set[str]]]:
                      help="with several tasks: measure one serve process holding every task's adapter (default on)")
     sub.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                      help="run each method in its own process (honest peak memory; default on)")
+    sub.add_argument("--generate", type=int, default=None, metavar="N",
+                     help="generation tasks: also generate for the first N dev examples with every trained method and "
+                          "score the texts (ROUGE-L, exact match, chrF; billsum: ROUGE-L) as extra table columns")
+    sub.add_argument("--max-new-tokens", type=int, default=None, help="with --generate: tokens per example (default 64)")
     _add_train_flags(sub, skip={"keep_checkpoints"})
     sub.set_defaults(handler=cmd_compare)
     structural["compare"] = {"command", "handler", "config"}

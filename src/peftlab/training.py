@@ -199,6 +199,8 @@ def prepare(config: TrainConfig, *, world_size: int | None = None) -> Prepared:
     from peftlab.preprocess import check_packing, tokenize
 
     method, task = build_method(config), build_task(config)
+    if config.packing and method.packing_refusal:
+        raise PeftlabError(f"Method '{method.name}' cannot train with --packing: {method.packing_refusal}")
     train_raw = select(task.load("train", config.data_dir), config.max_train_samples, config.seed)
     dev_raw = select(task.load("dev", config.data_dir), config.max_eval_samples, config.seed)
     labels_from_data = task.label_names is None

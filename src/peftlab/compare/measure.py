@@ -23,6 +23,7 @@ LATENCY_SETTINGS: dict[str, Any] = {"bs1_warmup": 3, "bs1_runs": 20, "bs32_warmu
                                     "budget_s": 5.0}
 SAMPLE_PROMPTS = 3  # generations shown for language-model tasks
 SAMPLE_NEW_TOKENS = 32
+GENERATIONS_FILE = "generations.jsonl"  # --generate: every dev prompt's generation and reference, in the run folder
 
 
 class TrainingDiverged(RuntimeError):
@@ -75,9 +76,40 @@ def sample_generations(loaded, rows: list[dict[str, Any]]) -> list[dict[str, Any
     kind = TaskKind(loaded.kind)
     records = [kind.record_from_example(row) for row in rows]
     generated = predict(loaded, records, max_new_tokens=SAMPLE_NEW_TOKENS, batch_size=SAMPLE_PROMPTS)
-    return [{"prompt": " ".join(str(value) for value in record.values()), "generated": output.get("generated"),
+    return [{"prompt": prompt_text(record), "generated": output.get("generated"),
              "reference": reference_text(kind, row, record)}
             for row, record, output in zip(rows, records, generated)]
+
+
+def prompt_text(record: dict[str, Any]) -> str:
+    """What a person reads as the prompt of a generative input: a conversation as ``role: content`` lines, else
+    the prompt (or source) text itself."""
+    if isinstance(record.get("messages"), list):
+        return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in record["messages"] if isinstance(m, dict))
+    return "\n".join(str(value) for value in record.values())
+
+
+def generation_quality(run_dir: Path, config, *, examples: int, max_new_tokens: int) -> dict[str, Any]:
+    """``compare --generate N``: the trained run, reloaded, generates greedily for the first ``examples`` dev rows
+    (the evaluation subset's order); the task scores the texts (``task.generation_metrics``). Every generation
+    goes to ``GENERATIONS_FILE`` in the run folder; the row keeps the scores."""
+    from peftlab.inference import generation_scores, load_trained, task_for_manifest
+    from peftlab.report import write_text
+    from peftlab.tasks.base import select
+
+    loaded = load_trained(run_dir)
+    task = task_for_manifest(loaded.manifest, None, None)
+    dev = select(task.load("dev", config.data_dir), config.max_eval_samples, config.seed)
+    rows = dev.select(range(min(examples, len(dev))))
+    scored = generation_scores(loaded, task, rows, max_new_tokens=max_new_tokens)
+    kind = TaskKind(loaded.kind)
+    lines = [json.dumps({"prompt": prompt_text(kind.record_from_example(row)), **sample}, ensure_ascii=False)
+             for row, sample in zip(rows, scored["samples"])]
+    write_text(Path(run_dir) / GENERATIONS_FILE, "".join(line + "\n" for line in lines))
+    del loaded
+    gc.collect()
+    return {"metrics": scored["metrics"], "examples": scored["examples"], "examples_asked": examples,
+            "max_new_tokens": max_new_tokens, "seconds": scored["seconds"], "file": GENERATIONS_FILE}
 
 
 def reference_text(kind: TaskKind, row: dict[str, Any], record: dict[str, Any]) -> Any:
@@ -185,5 +217,5 @@ def folder_bytes(path: Path) -> int | None:
 
 
 __all__ = ["LATENCY_ROWS", "LATENCY_SETTINGS", "SAMPLE_PROMPTS", "SAMPLE_NEW_TOKENS", "TrainingDiverged",
-           "measure_inference", "sample_generations", "reference_text", "is_peft_model", "latency_inputs",
+           "measure_inference", "sample_generations", "prompt_text", "generation_quality", "GENERATIONS_FILE", "reference_text", "is_peft_model", "latency_inputs",
            "time_model", "divergence", "non_finite_parameters", "folder_bytes"]

@@ -19,8 +19,8 @@ from typing import Any, Callable
 from peftlab.compare.environment import environment, invocation, resolved_command
 from peftlab.compare.measure import LATENCY_SETTINGS
 from peftlab.compare.parallel import Job, check_workers, plan_workers, run_jobs, worker_threads
-from peftlab.compare.plan import (COMPARE_DEFAULTS, DEFAULT_BUDGETS, TaskPlan, make_job, needs_special_load,  # noqa: F401
-                                  options_for, plan_task, preflight, resolve_methods, skeleton,
+from peftlab.compare.plan import (COMPARE_DEFAULTS, DEFAULT_BUDGETS, TaskPlan, generation_refusal,  # noqa: F401
+                                  make_job, needs_special_load, options_for, plan_task, preflight, resolve_methods, skeleton,
                                   unsupported_reason_kind_only)
 from peftlab.compare.progress import Progress, one_line, plan_banner, print_now, summary
 from peftlab.compare.rows import aggregate, compare_rows
@@ -33,7 +33,8 @@ from peftlab.errors import PeftlabError
 from peftlab.report import write_json_file
 
 # Keys of a compare recipe that are compare's own flags (the command line wins over them).
-RECIPE_FLAGS = ("methods", "repeats", "tasks", "suite", "tune", "trials", "workers")
+RECIPE_FLAGS = ("methods", "repeats", "tasks", "suite", "tune", "trials", "workers", "generate", "max_new_tokens")
+GENERATE_NEW_TOKENS = 64  # --generate's default --max-new-tokens (peftlab eval's)
 # The folders a comparison writes besides runs/ (the plots of a suite, tuning, the multi-task measurement).
 COMPARE_FOLDERS = ("plots", "tuning", "multitask")
 
@@ -49,7 +50,8 @@ def compare(methods: str | list[str] = "all", output: str | Path | None = None, 
             echo: Callable[[str], None] | None = None, latency: dict[str, Any] | None = None, *,
             tasks: str | list[str] | None = None, suite: str | None = None, tune: str | None = None,
             trials: int | None = None, workers: int | None = None, ray: str | bool | None = None,
-            multitask: bool = True, live: bool | None = None) -> dict[str, Any]:
+            multitask: bool = True, live: bool | None = None, generate: int | None = None,
+            max_new_tokens: int | None = None) -> dict[str, Any]:
     """Train and measure ``methods`` side by side on one task or several; returns what ``results.json`` holds.
 
     ``train_options`` are the flat ``peftlab train`` options (``task``, ``model``, ``epochs``,
@@ -59,6 +61,8 @@ def compare(methods: str | list[str] = "all", output: str | Path | None = None, 
     tasks (a suite average per method). ``tune="lr"``: each method's learning rate searched per task with
     ``trials`` Optuna trials first. ``workers``: jobs at once on this machine; ``ray``: run on Ray (True or
     "local": a local instance; else a cluster address). ``multitask``: measure serving all tasks (suites).
+    ``generate``: generation tasks also generate for the first N dev examples with each trained run and score
+    the texts (``task.generation_metrics``), ``max_new_tokens`` each.
     ``echo``: where plain progress lines go (default: a live table on a terminal, else stdout).
     """
     from peftlab.methods import method_names
@@ -81,6 +85,9 @@ def compare(methods: str | list[str] = "all", output: str | Path | None = None, 
     tune = tune if tune is not None else recipe.get("tune")
     trials = trials if trials is not None else recipe.get("trials")
     workers = workers if workers is not None else recipe.get("workers")
+    generate = generate if generate is not None else recipe.get("generate", 0)
+    max_new_tokens = max_new_tokens if max_new_tokens is not None else recipe.get("max_new_tokens", GENERATE_NEW_TOKENS)
+    generate, max_new_tokens = check_generate(generate, max_new_tokens)
     for key in ("output", "resume", "keep_checkpoints", "overwrite"):
         options.pop(key, None)  # compare decides where each run goes and what resuming means
     comparison_name = options.pop("run_name", None)  # --run-name names the comparison; each run is named for itself
@@ -106,6 +113,15 @@ def compare(methods: str | list[str] = "all", output: str | Path | None = None, 
     available = [plan for plan in plans if not plan.missing]
     if not available:
         raise PeftlabError(" ".join(plan.missing for plan in plans))
+    scored: dict[str, dict[str, int] | None] = {plan.name: None for plan in available}
+    generation_notes: list[str] = []
+    if generate:
+        refusals = {plan.name: generation_refusal(plan.task) for plan in available}
+        if all(refusals.values()):
+            raise PeftlabError(f"--generate {generate}: {' '.join(refusals.values())} Leave out --generate.")
+        scored = {name: None if why else {"examples": generate, "max_new_tokens": max_new_tokens}
+                  for name, why in refusals.items()}
+        generation_notes = [f"--generate leaves out {name}: {why}" for name, why in refusals.items() if why]
 
     out = Path(output or default_output(task_names, suite)).expanduser()
     earlier = [p for folder in ("runs", "tuning") if (out / folder).is_dir()
@@ -126,7 +142,7 @@ def compare(methods: str | list[str] = "all", output: str | Path | None = None, 
     else:
         plan = plan_workers(workers)
         backend_text = (f"{plan.count} at once ({plan.why})" if plan.count > 1 else "one at a time")
-    notes += plan.notes
+    notes += plan.notes + generation_notes
     first = available[0]
     first_config = first.configs[names[0]]
     seeds = [first_config.seed + k for k in range(repeats)]
@@ -143,6 +159,7 @@ def compare(methods: str | list[str] = "all", output: str | Path | None = None, 
         "tune": {"parameter": tune, "trials": trials} if tune else None, "notes": notes,
         "defaults_applied": first.defaults_applied, "per_method_options": per_method,
         "options": dict(first.options),
+        "generate": {"examples": generate, "max_new_tokens": max_new_tokens} if generate else None,
     }
     extra = {"task": None if several else first.name, "suite": suite, "tasks": None if suite or not several else
              ",".join(task_names), "tune": tune, "trials": trials if tune else None,
@@ -216,9 +233,10 @@ def compare(methods: str | list[str] = "all", output: str | Path | None = None, 
                         continue
                     config, source = run.final_config(p, name, options, per_method)
                     jobs += [make_job("run", p, name, seed, config, out=out, several_tasks=several, repeats=repeats,
-                                      common={**common, "lr_source": source, "method_source": sources.get(name)})
+                                      common={**common, "lr_source": source, "method_source": sources.get(name),
+                                              "generate": scored.get(p.name)})
                              for seed in seeds]
-            execute(jobs, "runs", lambda job: finished_run(job.run_dir, config_of(job)), RESULT_FILE)
+            execute(jobs, "runs", reusable_run, RESULT_FILE)
             payload = run.write(partial=False)
             if several and multitask:
                 from peftlab.compare.multitask import multitask_costs
@@ -244,6 +262,25 @@ def config_of(job: Job):
     from peftlab.training import config_from_options
 
     return config_from_options(job.spec["options"])
+
+
+def reusable_run(job: Job) -> dict[str, Any] | None:
+    """A finished run ``--resume`` keeps: same training, and the generations ``--generate`` asks for."""
+    previous = finished_run(job.run_dir, config_of(job))
+    wanted = job.spec.get("generate")
+    if previous is None or not wanted:
+        return previous
+    had = previous.get("generation") or {}
+    return previous if had.get("examples_asked") == wanted["examples"] and \
+        had.get("max_new_tokens") == wanted["max_new_tokens"] else None
+
+
+def check_generate(generate, max_new_tokens) -> tuple[int, int]:
+    """``--generate N`` (0: off) and ``--max-new-tokens`` as whole numbers, or one sentence."""
+    for flag, value, least in (("--generate", generate, 0), ("--max-new-tokens", max_new_tokens, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise PeftlabError(f"{flag} must be a whole number of at least {least}; got {value!r}.")
+    return generate, max_new_tokens
 
 
 def reusable_tuning(job: Job, trials: int) -> dict[str, Any] | None:
@@ -334,4 +371,5 @@ def write_results(out: Path, payload: dict[str, Any]) -> dict[str, Any]:
 __all__ = ["DEFAULT_BUDGETS", "COMPARE_DEFAULTS", "RECIPE_FLAGS", "COMPARE_FOLDERS", "default_output", "compare", "resolve_methods", "options_for",
            "worker_threads", "preflight", "unsupported_reason_kind_only", "needs_special_load", "skeleton",
            "run_isolated", "run_in_process", "log_tail", "prepare_run_dir", "identity_of", "flat_options",
-           "finished_run", "write_results", "print_now", "config_of", "reusable_tuning", "Comparison"]
+           "finished_run", "write_results", "print_now", "config_of", "reusable_run", "reusable_tuning", "check_generate",
+           "GENERATE_NEW_TOKENS", "Comparison"]

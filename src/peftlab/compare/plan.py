@@ -129,7 +129,34 @@ def plan_task(name: str, names: list[str], options: dict[str, Any], per_method: 
         return plan
     plan.reasons = preflight(names, first.model, plan.task,
                              {method: plan.configs[method].method_options for method in names})
+    for method in names:
+        refusal = packing_refusal(method) if plan.configs[method].packing else None
+        if refusal and not plan.reasons.get(method):
+            plan.reasons[method] = f"cannot train with --packing: {refusal}"
     return plan
+
+
+def generation_refusal(task) -> str | None:
+    """Why ``--generate`` cannot score ``task``'s generations (not a generation task, no reference texts), or None."""
+    from peftlab.kinds import TaskKind
+
+    if not TaskKind.parse(task.kind).is_generative:
+        return f"task '{task.name}' is a {task.kind} task, with no text to generate."
+    scorer = getattr(task, "generation_metrics", None)
+    if not callable(scorer):
+        return f"task '{task.name}' has no reference texts to score generations against (dev perplexity only)."
+    try:
+        scorer(["a"], ["a"])  # the task's own refusal (own plain-text data has no references)
+    except PeftlabError as error:
+        return str(error)
+    return None
+
+
+def packing_refusal(name: str) -> str | None:
+    """Why method ``name`` cannot train on packed rows (its declared fact), or None."""
+    from peftlab.methods import get_method_class
+
+    return get_method_class(name).packing_refusal
 
 
 def preflight(names: list[str], model: str, task, method_options: dict[str, dict] | None = None
@@ -220,4 +247,5 @@ def make_job(kind: str, plan: TaskPlan, method: str, seed: int, config, *, out: 
 
 
 __all__ = ["DEFAULT_BUDGETS", "COMPARE_DEFAULTS", "TaskPlan", "resolve_methods", "options_for", "plan_task",
+           "packing_refusal", "generation_refusal",
            "preflight", "unsupported_reason_kind_only", "needs_special_load", "skeleton", "job_folder", "make_job"]

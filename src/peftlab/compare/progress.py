@@ -149,6 +149,9 @@ def one_line(result: dict[str, Any]) -> str:
         parts.append(f"peak {result['peak_memory_mb']:,.0f} MB")
     if result.get("latency_ms_bs1") is not None:
         parts.append(f"latency bs1 {result['latency_ms_bs1']:.1f} ms")
+    scores = (result.get("generation") or {}).get("metrics") or {}
+    if scores:
+        parts.append("generated: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, (int, float))))
     if (result.get("attempts") or 1) > 1:
         parts.append(f"after {result['attempts'] - 1} retry")
     return " · ".join(parts)

@@ -31,6 +31,8 @@ COMPARE_KEYS = (
     # where the learning rate came from (default, given, tuned) and which rows' intervals overlap
     "metric_ci_low", "metric_ci_high", "score", "score_std", "score_ci_low", "score_ci_high",
     "no_better_than_baseline", "baseline_test", "baseline_metric", "lr_source", "overlaps", "attempts",
+    # compare --generate: {"metrics": {"rougeL": ...}, "examples", "max_new_tokens", "seconds"} (mean over seeds)
+    "generation",
 )
 # Numbers averaged over seeds with --repeats (and reported with a standard deviation).
 AVERAGED = ("metric", "train_seconds", "train_samples_per_second", "train_tokens_per_second", "peak_memory_mb",
@@ -83,6 +85,12 @@ def aggregate(name: str, runs: list[dict[str, Any]], reason: str | None,
         metric_keys = {k for r in ok for k in (r.get("metrics") or {})}
         row["metrics"] = {k: statistics.fmean([r["metrics"][k] for r in ok if k in (r.get("metrics") or {})])
                           for k in sorted(metric_keys)}
+        generations = [r["generation"] for r in ok if isinstance(r.get("generation"), dict)]
+        if generations:
+            names = {k for g in generations for k in (g.get("metrics") or {})}
+            row["generation"] = {**generations[0], "seeds": len(generations), "metrics": {
+                k: statistics.fmean([g["metrics"][k] for g in generations if k in (g.get("metrics") or {})])
+                for k in sorted(names)}}
         row["run_dir"] = None
         row["log"] = None
         row["runs"] = [{"seed": r.get("seed"), "status": r.get("status"), "metric": r.get("metric"),

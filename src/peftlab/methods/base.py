@@ -114,6 +114,10 @@ class Method:
     guide: ClassVar[dict[str, tuple[float, str]]] = {}
     # Extra points and the reason when the user has only a few dozen examples; None: no change.
     few_shot_guide: ClassVar[tuple[float, str] | None] = None
+    # Why the method cannot train on packed rows (``--packing``: several examples in one row, kept apart by
+    # their position ids), or None when it can. Read by training (a refusal before any work) and compare (an
+    # ``unsupported`` row instead of a failed run).
+    packing_refusal: ClassVar[str | None] = None
 
     def __init__(self, options=None, **overrides):
         if options is None:

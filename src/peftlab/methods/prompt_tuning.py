@@ -34,6 +34,9 @@ class PromptLearningMethod(PeftMethod):
 
     category = "additive"
     mergeable = False
+    packing_refusal = ("its virtual tokens (or per-layer key/value prefix) are shared by every position of a row, "
+                       "so the examples packed into one row would attend to the same prompt at shifted positions "
+                       "and no longer train as they do alone; leave out --packing for this method.")
 
     def why_not_mergeable(self) -> str:
         return ("its virtual tokens are extra inputs the model attends to, not a change to any existing weight, "

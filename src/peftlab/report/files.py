@@ -18,6 +18,7 @@ CSV_COLUMNS = (
     "latency_ms_bs1_merged", "latency_ms_bs32", "latency_ms_bs32_merged", "mergeable", "inference_cost", "epochs",
     "train_examples", "eval_examples", "precision", "device", "repeats", "seeds", "attempts", "error", "reason",
 )
+GENERATION_PREFIX = "generation_"  # compare --generate: one column per generation metric (generation_rougeL...)
 
 
 def write_text(path: Path, text: str) -> Path:
@@ -61,15 +62,21 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
     """One line per result row (method, or method x task), the table's numbers unrounded."""
     from peftlab.report.tables import is_number
 
+    generated: list[str] = []
+    for row in rows:
+        generated += [k for k in ((row.get("generation") or {}).get("metrics") or {}) if k not in generated]
+    columns = list(CSV_COLUMNS) + [GENERATION_PREFIX + k for k in generated]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(CSV_COLUMNS), extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         record = {key: row.get(key) for key in CSV_COLUMNS}
+        scores = (row.get("generation") or {}).get("metrics") or {}
+        record.update({GENERATION_PREFIX + k: scores.get(k) for k in generated})
         record["trainable_percent"] = 100 * row["trainable_fraction"] if is_number(row.get("trainable_fraction")) else None
         record["seeds"] = " ".join(map(str, row.get("seeds") or []))
         writer.writerow({k: "" if v is None else v for k, v in record.items()})
     return write_text(path, buffer.getvalue())
 
 
-__all__ = ["CSV_COLUMNS", "write_text", "write_json_file", "clean", "jsonable", "write_csv"]
+__all__ = ["CSV_COLUMNS", "GENERATION_PREFIX", "write_text", "write_json_file", "clean", "jsonable", "write_csv"]

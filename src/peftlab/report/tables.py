@@ -142,6 +142,29 @@ def pair(unmerged, merged) -> str:
     return left if not is_number(merged) else f"{left} / {fmt(merged, '{:.1f}')}"
 
 
+# How the generation scores of ``compare --generate`` are headed (any other key shows as it is named).
+GENERATION_LABELS = {"rougeL": "ROUGE-L", "exact_match": "exact match", "chrf": "chrF",
+                     "rougeL_precision": "ROUGE-L precision", "rougeL_recall": "ROUGE-L recall"}
+
+
+def generation_columns(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """The generation metrics any finished row has (in first-seen order) and their column headings."""
+    keys: list[str] = []
+    counts = set()
+    for row in rows:
+        generation = row.get("generation") if row.get("status") == "ok" else None
+        if isinstance(generation, dict):
+            counts.add(generation.get("examples"))
+            keys += [k for k in (generation.get("metrics") or {}) if k not in keys]
+    over = f", {counts.pop()} generated" if len(counts) == 1 else ""
+    return keys, [f"{GENERATION_LABELS.get(k, k)} ↑{over}" for k in keys]
+
+
+def generation_cells(row: dict[str, Any], keys: list[str]) -> list[str]:
+    scores = (row.get("generation") or {}).get("metrics") or {} if row.get("status") == "ok" else {}
+    return [fmt(scores.get(k), "{:.4f}") for k in keys]
+
+
 def task_view(payload: dict[str, Any], task: str) -> dict[str, Any]:
     """One task of a (suite) payload in the shape of a one-task payload: its settings, rows and baseline."""
     settings = dict(payload["settings"])
@@ -167,6 +190,8 @@ def table_rows(payload: dict[str, Any]) -> tuple[list[str], list[list[str]], lis
                        if r.get("status") == "ok" and isinstance(r.get("latency_runs"), dict)), 32) or 32
     header = ["#", "method", "category", "status", "trainable params", "trainable %", f"dev {metric_name} {better}"]
     header += ["95% interval"] if repeated else []
+    generated, generated_headings = generation_columns(payload["results"])
+    header += generated_headings
     header += ["vs baseline", "Δ vs full", "learning rate", "train time (s)", "train tokens/s", "peak memory (MB)",
                "adapter on disk", "latency bs1 (ms) unmerged / merged",
                f"latency bs{rows_timed} (ms) unmerged / merged", "extra inference cost"]
@@ -187,6 +212,7 @@ def table_rows(payload: dict[str, Any]) -> tuple[list[str], list[list[str]], lis
                 fmt(row.get("trainable_params"), "{:,.0f}"), format_percent(row.get("trainable_fraction")),
                 format_metric(row, metric_name)]
         line += [format_interval(row.get("metric_ci_low"), row.get("metric_ci_high"))] if repeated else []
+        line += generation_cells(row, generated)
         line += [format_versus_baseline(row), format_delta(row), format_lr(row),
                  fmt(row.get("train_seconds"), "{:,.1f}", row.get("train_seconds_std")),
                  fmt(row.get("train_tokens_per_second"), "{:,.0f}"), fmt(row.get("peak_memory_mb"), "{:,.0f}"),
@@ -253,4 +279,4 @@ def multitask_table(payload: dict[str, Any]) -> tuple[list[str], list[list[str]]
 
 __all__ = ["CATEGORY_COLOURS", "NO_BETTER", "is_number", "pareto_flags", "trains_all_weights", "baseline", "ranked",
            "format_metric", "format_interval", "format_delta", "format_versus_baseline", "format_lr", "format_percent",
-           "format_bytes", "fmt", "pair", "task_view", "table_rows", "suite_table", "multitask_table"]
+           "format_bytes", "fmt", "pair", "GENERATION_LABELS", "generation_columns", "generation_cells", "task_view", "table_rows", "suite_table", "multitask_table"]

@@ -112,3 +112,8 @@ class AlpacaTask(Task):
         ``metrics.language_modeling(mean_loss)``: ``{"loss": ..., "perplexity": exp(loss)}``.
         """
         return metrics.language_modeling(float(predictions))
+
+    def generation_metrics(self, predictions: list[str], references: list[str]) -> dict[str, float]:
+        """Generated responses against the dataset's (``eval``/``compare --generate``): ROUGE-L F1, exact match
+        and chrF (``metrics.generation``)."""
+        return metrics.generation(predictions, references)

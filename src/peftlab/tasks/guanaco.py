@@ -121,3 +121,8 @@ class GuanacoTask(Task):
     def compute_metrics(self, predictions, references=None):
         """``compute_metrics(mean_loss, None)``: loss and perplexity of the dev responses."""
         return metrics.language_modeling(float(predictions))
+
+    def generation_metrics(self, predictions: list[str], references: list[str]) -> dict[str, float]:
+        """Generated responses against the dataset's (``eval``/``compare --generate``): ROUGE-L F1, exact match
+        and chrF (``metrics.generation``)."""
+        return metrics.generation(predictions, references)
