@@ -35,11 +35,18 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
+# Two pytest workers (pytest-xdist), each taking whole test files (a file's trained fixtures are built once),
+# and one torch thread per process: two workers with two OpenMP threads each on two cores spin-wait and run
+# many times slower (measured here). Files that spawn their own processes or kernels keep them single-threaded
+# too; the heaviest files go first (tests/conftest.py) so that both workers finish together.
+PYTEST_WORKERS ?= 2
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+
 test: setup browser
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

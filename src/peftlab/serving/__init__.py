@@ -116,6 +116,9 @@ def serve(base: str, adapters: dict[str, str] | None = None, host: str = "127.0.
     from peftlab.serving.app import create_app
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from peftlab.serving.allocator import steady_allocator
+
+    steady_allocator()  # before the model and the threads: resident memory that levels off under load
     engine = build(base, adapters, max_batch_rows=max_batch_rows, threads=threads)
     app = create_app(engine, api_keys=keys, admin=admin, adapter_root=root, allow_hub=allow_hub, docs=docs,
                      stop_engine_on_shutdown=True)
