@@ -193,7 +193,7 @@ def test_smollm2_learns_from_each_form(task, tmp_path, data_dir):
     columns = {"prompt_column": "prompt", "response_column": "response"} if task == "csv" else {}
     run = tmp_path / "run"
     config = config_from_options(dict(method="lora", task=task, model="smollm2", output=str(run),
-                                      train_file=str(train_file), dev_file=str(dev_file), epochs=1, batch_size=4,
+                                      train_file=str(train_file), dev_file=str(dev_file), epochs=2, batch_size=4,
                                       max_length=256, lr=2e-3, progress=False, eval_each_epoch=False, **columns))
     prepared = prepare(config)  # LoRA starts as the identity: this is the base model
     base = evaluate_model(prepared.model, prepared.task, prepared.tokenizer, prepared.dev_data,

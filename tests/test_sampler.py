@@ -50,3 +50,18 @@ def test_the_trainer_uses_it_when_grouping_by_length(tmp_path):
             assert not isinstance(sampler, ShuffledLengthGroupedSampler)
         else:
             assert isinstance(sampler, expected) and len(list(sampler)) == len(data)
+
+
+def test_ranks_take_the_one_process_order():
+    """Two ranks of batch 4 (accelerate deals consecutive batches out to the ranks) see, step by step, the
+    examples the one-process run with batch 8 sees."""
+    from peftlab.trainer import shuffled_length_groups
+
+    rng = random.Random(1)
+    lengths = [rng.randint(3, 60) for _ in range(200)]
+    two_ranks = shuffled_length_groups(lengths, 4, generator=torch.Generator().manual_seed(3), mega_batch_mult=4,
+                                       processes=2)
+    one = shuffled_length_groups(lengths, 8, generator=torch.Generator().manual_seed(3), mega_batch_mult=2)
+    assert two_ranks == one
+    alone = shuffled_length_groups(lengths, 4, generator=torch.Generator().manual_seed(3), mega_batch_mult=4)
+    assert alone != one  # shuffling batches of 4 would split the steps differently

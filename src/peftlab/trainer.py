@@ -35,7 +35,7 @@ class PeftlabTrainer(Trainer):
         sampler = super()._get_train_sampler(train_dataset)
         if type(sampler) is LengthGroupedSampler:
             return ShuffledLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths,
-                                                generator=sampler.generator)
+                                                generator=sampler.generator, processes=self.args.world_size)
         return sampler
 
     def create_optimizer(self, model=None):
@@ -77,8 +77,8 @@ class PeftlabTrainer(Trainer):
             dist.barrier()
 
 
-def shuffled_length_groups(lengths: list[int], batch_size: int, generator=None, mega_batch_mult: int | None = None
-                           ) -> list[int]:
+def shuffled_length_groups(lengths: list[int], batch_size: int, generator=None, mega_batch_mult: int | None = None,
+                           processes: int = 1) -> list[int]:
     """Indices whose consecutive ``batch_size`` slices hold examples of similar length, batches in random order.
 
     transformers' ``get_length_grouped_indices`` makes the same batches (a random permutation cut into
@@ -88,14 +88,20 @@ def shuffled_length_groups(lengths: list[int], batch_size: int, generator=None, 
     (docs/performance.md). Here the batches themselves are shuffled, the batch with the longest example still
     first (an out-of-memory error shows at the first step, as transformers intends). Written here because
     neither transformers nor torch offers a sampler that groups by length and shuffles the groups.
+
+    ``processes``: data-parallel ranks. Accelerate deals the sampler's consecutive batches out to the ranks, so
+    one optimizer step takes ``processes`` batches in a row; those move together (a unit of ``batch_size x
+    processes`` indices), which keeps an N-rank run on exactly the examples and order of the one-process run
+    with the N-times larger batch (tests/test_distributed.py).
     """
     import torch
 
     grouped = get_length_grouped_indices(lengths, batch_size, mega_batch_mult=mega_batch_mult, generator=generator)
-    batches = [grouped[i:i + batch_size] for i in range(0, len(grouped), batch_size)]
-    # the first batch holds the longest example (transformers puts it there); a short last batch stays last,
+    unit = batch_size * max(1, int(processes))
+    batches = [grouped[i:i + unit] for i in range(0, len(grouped), unit)]
+    # the first unit holds the longest example (transformers puts it there); a short last unit stays last,
     # or every batch after it would straddle two length groups
-    last = [batches.pop()] if len(batches) > 1 and len(batches[-1]) < batch_size else []
+    last = [batches.pop()] if len(batches) > 1 and len(batches[-1]) < unit else []
     if len(batches) < 2:
         return grouped
     rest = batches[1:]
@@ -106,8 +112,13 @@ def shuffled_length_groups(lengths: list[int], batch_size: int, generator=None, 
 class ShuffledLengthGroupedSampler(LengthGroupedSampler):
     """transformers' ``LengthGroupedSampler`` with its batches in a random order (:func:`shuffled_length_groups`)."""
 
+    def __init__(self, *args, processes: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.processes = max(1, int(processes))
+
     def __iter__(self):
-        return iter(shuffled_length_groups(self.lengths, self.batch_size, generator=self.generator))
+        return iter(shuffled_length_groups(self.lengths, self.batch_size, generator=self.generator,
+                                           processes=self.processes))
 
 
 AtomicCheckpointTrainer = PeftlabTrainer  # the name it had inside peftlab.training
