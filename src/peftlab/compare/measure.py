@@ -30,8 +30,10 @@ class TrainingDiverged(RuntimeError):
     """The loss or the weights became NaN/inf."""
 
 
-def measure_inference(run_dir: Path, config, latency: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Latency at batch 1 and 32 (unmerged and merged), extra inference cost, and sample generations.
+def measure_inference(run_dir: Path, config, latency: dict[str, Any] | None = None,
+                      generate: dict[str, int] | None = None) -> dict[str, Any]:
+    """Latency at batch 1 and 32 (unmerged and merged), extra inference cost, sample generations and, with
+    ``generate`` (``{"examples", "max_new_tokens"}``, compare ``--generate``), the scored generations.
 
     The merged timing uses a second fresh copy (``method.merge`` consumes the model it is given).
     """
@@ -50,6 +52,8 @@ def measure_inference(run_dir: Path, config, latency: dict[str, Any] | None = No
                   latency_ms_bs1_merged=None, latency_ms_bs32_merged=None, samples=None)
     if TaskKind(loaded.kind).is_generative:
         result["samples"] = sample_generations(loaded, inputs["raw"][:SAMPLE_PROMPTS])
+        if generate:
+            result["generation"] = generation_quality(loaded, run_dir, config, **generate)
     mergeable = bool(loaded.method.mergeable)
     del loaded
     gc.collect()
@@ -89,15 +93,14 @@ def prompt_text(record: dict[str, Any]) -> str:
     return "\n".join(str(value) for value in record.values())
 
 
-def generation_quality(run_dir: Path, config, *, examples: int, max_new_tokens: int) -> dict[str, Any]:
-    """``compare --generate N``: the trained run, reloaded, generates greedily for the first ``examples`` dev rows
-    (the evaluation subset's order); the task scores the texts (``task.generation_metrics``). Every generation
-    goes to ``GENERATIONS_FILE`` in the run folder; the row keeps the scores."""
-    from peftlab.inference import generation_scores, load_trained, task_for_manifest
+def generation_quality(loaded, run_dir: Path, config, *, examples: int, max_new_tokens: int) -> dict[str, Any]:
+    """``compare --generate N``: the trained run (``loaded`` from ``run_dir``) generates greedily for the first
+    ``examples`` dev rows (the evaluation subset's order); the task scores the texts (``task.generation_metrics``).
+    Every generation goes to ``GENERATIONS_FILE`` in the run folder; the row keeps the scores."""
+    from peftlab.inference import generation_scores, task_for_manifest
     from peftlab.report import write_text
     from peftlab.tasks.base import select
 
-    loaded = load_trained(run_dir)
     task = task_for_manifest(loaded.manifest, None, None)
     dev = select(task.load("dev", config.data_dir), config.max_eval_samples, config.seed)
     rows = dev.select(range(min(examples, len(dev))))
@@ -106,8 +109,6 @@ def generation_quality(run_dir: Path, config, *, examples: int, max_new_tokens: 
     lines = [json.dumps({"prompt": prompt_text(kind.record_from_example(row)), **sample}, ensure_ascii=False)
              for row, sample in zip(rows, scored["samples"])]
     write_text(Path(run_dir) / GENERATIONS_FILE, "".join(line + "\n" for line in lines))
-    del loaded
-    gc.collect()
     return {"metrics": scored["metrics"], "examples": scored["examples"], "examples_asked": examples,
             "max_new_tokens": max_new_tokens, "seconds": scored["seconds"], "file": GENERATIONS_FILE}
 

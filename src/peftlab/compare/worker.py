@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.artifacts import ADAPTER_DIR
-from peftlab.compare.measure import TrainingDiverged, divergence, folder_bytes, generation_quality, measure_inference
+from peftlab.compare.measure import TrainingDiverged, divergence, folder_bytes, measure_inference
 from peftlab.compare.rows import METRIC_KEYS, empty_row, method_facts
 from peftlab.errors import PeftlabError
 from peftlab.quiet import quiet_libraries
@@ -211,9 +211,7 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
     if not spec.get("isolated", True) and hardware.device_type() == "cpu":
         result["peak_memory_note"] = ("not isolated: peak RSS of the whole compare process so far, "
                                       "not of this method alone")
-    result.update(measure_inference(run_dir, config, latency=spec.get("latency")))
-    if spec.get("generate"):
-        result["generation"] = generation_quality(run_dir, config, **spec["generate"])
+    result.update(measure_inference(run_dir, config, latency=spec.get("latency"), generate=spec.get("generate")))
     result["wall_seconds"] = time.perf_counter() - began
     return result
 
