@@ -2,10 +2,10 @@
 
 Under sustained load ``peftlab serve`` grew step-wise, 8 to 40 MB at a time, and did not level off: +11% resident
 memory in 5 and in 10 minutes after warm-up at twice its capacity (benchmarks/serve_load.py --soak,
-docs/deploy.md). The cause is glibc's dynamic mmap threshold: a freed block larger than the
-threshold (128 KB at start) raises it, up to 32 MB, so the next activations of a larger batch are carved out of
-the heap instead of being mapped and unmapped, and the heap keeps the high-water mark of every batch shape it
-has seen, fragmented between the threads' arenas. A fixed threshold (which also switches the dynamic one off)
+docs/deploy.md). Not a leak: changing only glibc's settings made it flat. The likely cause is glibc's dynamic
+mmap threshold: a freed block larger than the threshold (128 KB at start) raises it, up to 32 MB, so the next
+activations of a larger batch are carved out of the heap instead of being mapped and unmapped, and the heap
+keeps the high-water mark of every batch shape it has seen, fragmented between the threads' arenas. A fixed threshold (which also switches the dynamic one off)
 sends every large tensor back to the system when it is freed, and two arenas bound what the HTTP threads can
 hold; with the same load, resident memory then moved within 2% of its level after warm-up for 10 minutes.
 
